@@ -1,0 +1,63 @@
+"""Database engine and the one way to run a transaction: whole, and retried as a whole.
+
+Retries wrap the *entire* transaction (never a statement inside one), on errors that a fresh
+attempt can cure: a lost connection (server restart), a serialization failure or a deadlock.
+They are bounded so a stalled batch never outlives the broker heartbeat.
+"""
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from pipeline.models.tables import Base
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create every table (the embedded default and tests; production runs ``bindpipe migrate``)."""
+    Base.metadata.create_all(engine)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+    return False
+
+
+def run_transaction(engine: Engine, work: Callable[[Session], T], max_seconds: float = 20.0) -> T:
+    """Run ``work(session)`` in one transaction, retrying the whole of it on transient errors."""
+
+    @retry(retry=retry_if_exception(is_transient), stop=stop_after_delay(max_seconds),
+           wait=wait_exponential_jitter(initial=0.05, max=2.0), reraise=True,
+           before_sleep=lambda state: log.warning("transaction retry", attempt=state.attempt_number,
+                                                  error=str(state.outcome.exception())[:200]))
+    def attempt() -> T:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            return work(session)
+
+    return attempt()

@@ -1,0 +1,88 @@
+"""The bus contract: event envelopes in, binding results out.
+
+Payloads reuse the dry-run scenario objects, so a scenario can be replayed as events unchanged.
+"""
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.models.binding import RequestContext
+from pipeline.models.pci import HostPciInventory
+from pipeline.models.topology import Agent, Network, Port
+
+EventType = Literal["agent.report", "pci.inventory", "network.upsert", "network.delete",
+                    "port.create", "port.update", "port.delete", "binding.request"]
+EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
+
+
+class NetworkDelete(BaseModel):
+    id: str
+
+
+class PortDelete(BaseModel):
+    id: str
+
+
+class NetworkUpsert(Network):
+    id: str
+
+
+class PortPayload(Port):
+    """``port.create`` / ``port.update``: the port object; its network must be known."""
+
+    network_id: str
+
+
+class BindingRequestPayload(BaseModel):
+    """Bind an existing port on ``host``; ``vnic_type`` / ``profile`` replace the stored ones if given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port_id: str
+    host: str
+    vnic_type: Any = None
+    profile: Any = None
+
+
+class PciInventoryPayload(HostPciInventory):
+    host: str
+
+
+PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
+    "agent.report": Agent,
+    "pci.inventory": PciInventoryPayload,
+    "network.upsert": NetworkUpsert,
+    "network.delete": NetworkDelete,
+    "port.create": PortPayload,
+    "port.update": PortPayload,
+    "port.delete": PortDelete,
+    "binding.request": BindingRequestPayload,
+}
+
+
+class Envelope(BaseModel):
+    """``{event_id, event_type, occurred_at, context, payload}``; ``event_type`` equals the routing key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: UUID
+    event_type: EventType
+    occurred_at: datetime
+    context: RequestContext = Field(default_factory=RequestContext)
+    payload: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _payload_matches_type(self) -> "Envelope":
+        PAYLOAD_MODELS[self.event_type].model_validate(self.payload)
+        return self
+
+    def typed_payload(self) -> BaseModel:
+        return PAYLOAD_MODELS[self.event_type].model_validate(self.payload)
+
+    @classmethod
+    def new(cls, event_type: str, payload: dict[str, Any], context: RequestContext | None = None) -> "Envelope":
+        return cls(event_id=uuid4(), event_type=event_type, occurred_at=datetime.now(UTC),
+                   context=context or RequestContext.service(), payload=payload)

@@ -1,0 +1,55 @@
+"""Configuration: environment variables prefixed ``BINDPIPE_``, optionally a TOML file.
+
+With nothing set, everything runs in one process on kombu's in-memory transport and a SQLite
+file (the embedded default); production points ``BINDPIPE_BROKER_URL`` at RabbitMQ and
+``BINDPIPE_DATABASE_URL`` at PostgreSQL.
+"""
+
+import os
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from pipeline.models.binding import DriverConfig
+
+CONFIG_FILE_ENV = "BINDPIPE_CONFIG_FILE"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BINDPIPE_", env_nested_delimiter="__", extra="forbid")
+
+    broker_url: str = "memory://"
+    database_url: str = "sqlite:///bindpipe.sqlite"
+    mechanism_drivers: tuple[str, ...] = ("openvswitch", "ovn", "sriovnicswitch", "macvtap", "l2population")
+    ml2: DriverConfig = Field(default_factory=DriverConfig)
+
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: int = Field(5, ge=1, description="deliveries before RabbitMQ dead-letters a message")
+    batch_size: int = Field(200, ge=1, description="deliveries handled in one transaction")
+    batch_wait_ms: int = Field(5, ge=0, description="how long a partial batch waits for more")
+    prefetch: int = Field(400, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    agent_down_time: int = Field(75, ge=1, description="seconds without heartbeat before an agent is dead")
+    heartbeat: int = Field(30, ge=0, description="AMQP heartbeat in seconds")
+    signing_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    require_signatures: bool = False
+    metrics_dir: str | None = None
+    log_format: Literal["json", "console"] = "console"
+
+    def driver_config(self) -> DriverConfig:
+        return self.ml2.model_copy(update={"mechanism_drivers": tuple(self.mechanism_drivers)})
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url.startswith("memory://")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_FILE_ENV)
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)

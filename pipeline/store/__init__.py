@@ -1,0 +1,1 @@
+"""Persistence: what each stage reads and writes, one transaction per batch (see ``pipeline.db``)."""

@@ -1,0 +1,134 @@
+"""Networks, agents and ports as the stages read them."""
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from pipeline.models.tables import AgentRow, BindingRow, NetworkRow, PortRow, SegmentRow
+from pipeline.models.topology import Agent, Network, Port, Segment, Subnet
+
+PORT_INPUT_KEYS = ("host", "vnic_type", "profile")
+
+
+def agent_key(agent: Agent) -> str:
+    """Agents are identified by type, host and binary (an id, if the report carries one)."""
+    explicit = getattr(agent, "id", None)
+    return str(explicit) if explicit else f"{agent.agent_type}@{agent.host}/{agent.binary or ''}"
+
+
+def upsert_agent(session: Session, agent: Agent, at: datetime, down_time: int) -> bool:
+    """Store a heartbeat; True when the agent is new or comes back alive (a *revival*)."""
+    row = session.get(AgentRow, agent_key(agent), with_for_update=True)
+    was_alive = row is not None and row.reported_alive and (at - _aware(row.heartbeat_at)) < timedelta(seconds=down_time)
+    if row is None:
+        position = len(session.scalars(select(AgentRow.id).where(AgentRow.host == agent.host)).all())
+        row = AgentRow(id=agent_key(agent), position=position, heartbeat_at=at)
+        session.add(row)
+    row.agent_type, row.host, row.binary = agent.agent_type, agent.host, agent.binary
+    row.reported_alive, row.admin_state_up = agent.alive, agent.admin_state_up
+    row.configurations = agent.configurations
+    row.heartbeat_at = max(_aware(row.heartbeat_at), at)
+    return agent.alive and not was_alive
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite returns naive datetimes for timezone-aware columns; they were stored as UTC."""
+    from datetime import UTC
+
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def load_agents(session: Session, hosts: set[str], at: datetime, down_time: int) -> list[Agent]:
+    """Agents of ``hosts``, alive when they said so and last reported within ``down_time`` of ``at``.
+
+    Liveness is judged at the event's time, not the wall clock, so replaying the log gives the
+    same bindings.
+    """
+    rows = session.scalars(select(AgentRow).where(AgentRow.host.in_(hosts))
+                           .order_by(AgentRow.host, AgentRow.position)).all()
+    return [Agent(agent_type=r.agent_type, host=r.host, binary=r.binary, admin_state_up=r.admin_state_up,
+                  configurations=r.configurations, heartbeat_at=_aware(r.heartbeat_at),
+                  alive=r.reported_alive and (at - _aware(r.heartbeat_at)) < timedelta(seconds=down_time))
+            for r in rows]
+
+
+def all_ovn_chassis_hosts(session: Session) -> set[str]:
+    """Remote-managed ports bind on a DPU chassis that is not the port's host: OVN needs them all."""
+    from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES
+
+    return set(session.scalars(select(AgentRow.host).where(AgentRow.agent_type.in_(OVN_CONTROLLER_TYPES))))
+
+
+def upsert_network(session: Session, network: Network) -> None:
+    row = session.get(NetworkRow, network.id)
+    if row is None:
+        row = NetworkRow(id=network.id)
+        session.add(row)
+    row.subnets = [s.model_dump() for s in network.subnets]
+    session.execute(delete(SegmentRow).where(SegmentRow.network_id == network.id,
+                                             SegmentRow.is_dynamic.is_(False)))
+    session.flush()
+    for position, segment in enumerate(network.segments):
+        session.add(SegmentRow(id=segment.id, network_id=network.id, position=position,
+                               network_type=segment.network_type, physical_network=segment.physical_network,
+                               segmentation_id=segment.segmentation_id, is_dynamic=False))
+
+
+def delete_network(session: Session, network_id: str) -> None:
+    session.execute(delete(SegmentRow).where(SegmentRow.network_id == network_id))
+    session.execute(delete(NetworkRow).where(NetworkRow.id == network_id))
+
+
+def load_networks(session: Session, network_ids: set[str]) -> dict[str, Network]:
+    networks = {r.id: Network(id=r.id, subnets=[Subnet.model_validate(s) for s in r.subnets])
+                for r in session.scalars(select(NetworkRow).where(NetworkRow.id.in_(network_ids)))}
+    for seg in session.scalars(select(SegmentRow).where(SegmentRow.network_id.in_(network_ids),
+                                                        SegmentRow.is_dynamic.is_(False))
+                               .order_by(SegmentRow.network_id, SegmentRow.position)):
+        networks[seg.network_id].segments.append(Segment(
+            id=seg.id, network_type=seg.network_type, physical_network=seg.physical_network,
+            segmentation_id=seg.segmentation_id))
+    return networks
+
+
+def save_dynamic_segments(session: Session, network_id: str, segments: list[dict[str, Any]]) -> None:
+    for seg in segments:
+        if session.get(SegmentRow, seg["id"]) is None:
+            session.add(SegmentRow(id=seg["id"], network_id=network_id, position=-1, is_dynamic=True,
+                                   network_type=seg["network_type"], physical_network=seg["physical_network"],
+                                   segmentation_id=seg["segmentation_id"]))
+
+
+def port_from_row(row: PortRow) -> Port:
+    return Port.model_validate({**row.body, "id": row.id, "network_id": row.network_id, "host": row.host,
+                                "vnic_type": row.vnic_type, "profile": row.profile})
+
+
+def lock_ports(session: Session, port_ids: list[str]) -> dict[str, PortRow]:
+    """Port rows locked in id order (the same order everywhere, so no deadlock)."""
+    rows = session.scalars(select(PortRow).where(PortRow.id.in_(port_ids)).order_by(PortRow.id)
+                           .with_for_update()).all()
+    return {r.id: r for r in rows}
+
+
+def store_port(session: Session, row: PortRow | None, port: Port) -> tuple[PortRow, bool]:
+    """Create or replace a port's stored object; also says whether its binding inputs changed."""
+    body = port.model_dump(mode="json", exclude={"id", "network_id", "host", "vnic_type", "profile"})
+    profile = port.profile if isinstance(port.profile, dict) else {}
+    vnic_type = port.vnic_type if isinstance(port.vnic_type, str) else "normal"
+    if row is None:
+        row = PortRow(id=port.id, network_id=port.network_id, host=port.host, vnic_type=vnic_type,
+                      profile=profile, body=body, revision=0)
+        session.add(row)
+        return row, True
+    changed = (row.host, row.vnic_type, row.profile) != (port.host, vnic_type, profile)
+    row.network_id, row.host, row.vnic_type, row.profile, row.body = (
+        port.network_id or row.network_id, port.host, vnic_type, profile, body)
+    return row, changed
+
+
+def failed_ports_on_host(session: Session, host: str) -> list[str]:
+    return list(session.scalars(select(BindingRow.port_id).where(
+        BindingRow.host == host, BindingRow.status == "ACTIVE", BindingRow.vif_type == "binding_failed")))

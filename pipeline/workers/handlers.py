@@ -1,0 +1,335 @@
+"""What each stage does with a batch, inside one database transaction.
+
+A handler turns decoded messages into the messages it hands on (``Publish``); the consumer
+publishes them after the commit and only then acks. Every effect is written together with the
+stage's mark for the job, so a redelivered message re-publishes what was handed on before and
+changes nothing.
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from pipeline.drivers.api import OriginalBinding
+from pipeline.models import vocabulary as v
+from pipeline.models.binding import AllocationDecision, BindingResult, DriverConfig
+from pipeline.models.events import PAYLOAD_MODELS, Envelope
+from pipeline.models.jobs import BindingJob
+from pipeline.models.tables import BindingRow, PortRow, ResultRow
+from pipeline.models.topology import Port
+from pipeline.settings import Settings
+from pipeline.stages.composition import compose_result
+from pipeline.stages.errors import BindingRequestError
+from pipeline.stages.selection import manager_for
+from pipeline.stages.validation import ValidatedRequest, validate_request
+from pipeline.store import pci as pci_store
+from pipeline.store import topology as topo
+from pipeline.store.marks import add_mark, record_event, stored_output
+from pipeline.workers.topology import RESULTS, STAGE_EXCHANGE, host_routing_key
+
+
+class PoisonMessage(Exception):
+    """A message no retry can fix: dead-lettered at once, with ``category`` and a specific reason."""
+
+    def __init__(self, category: str, reason: str, event_id: str | None = None, port_id: str | None = None):
+        super().__init__(reason)
+        self.category, self.reason, self.event_id, self.port_id = category, reason, event_id, port_id
+
+
+@dataclass(frozen=True)
+class Publish:
+    exchange: str
+    routing_key: str
+    body: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"exchange": self.exchange, "routing_key": self.routing_key, "body": self.body}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Publish":
+        return cls(data["exchange"], data["routing_key"], data["body"])
+
+
+def decode_json(body: bytes, max_bytes: int) -> Any:
+    if len(body) > max_bytes:
+        raise PoisonMessage("too_large", f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoisonMessage("not_utf8", f"body is not UTF-8: {exc}") from None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise PoisonMessage("bad_json", f"body is not JSON: {exc}") from None
+
+
+def decode_envelope(body: bytes, max_bytes: int) -> Envelope:
+    data = decode_json(body, max_bytes)
+    if not isinstance(data, dict):
+        raise PoisonMessage("bad_schema", f"envelope must be a JSON object, not {type(data).__name__}")
+    event_id = data.get("event_id")
+    payload = data.get("payload")
+    port_id = payload.get("id") or payload.get("port_id") if isinstance(payload, dict) else None
+    if not event_id:
+        raise PoisonMessage("missing_event_id", "envelope has no event_id", port_id=port_id)
+    if data.get("event_type") not in PAYLOAD_MODELS:
+        raise PoisonMessage("unknown_event_type", f"unknown event_type {data.get('event_type')!r}",
+                            str(event_id), port_id)
+    try:
+        return Envelope.model_validate(data)
+    except (ValidationError, RecursionError) as exc:
+        detail = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in detail["loc"])
+        raise PoisonMessage("bad_schema", f"{where}: {detail['msg']}", str(event_id), port_id) from None
+
+
+def decode_job(body: bytes, max_bytes: int) -> BindingJob:
+    try:
+        return BindingJob.model_validate(decode_json(body, max_bytes))
+    except ValidationError as exc:
+        raise PoisonMessage("bad_schema", f"not a binding job: {exc.errors()[0]['msg']}") from None
+
+
+def hand_on(job: BindingJob, stage: str) -> Publish:
+    return Publish(STAGE_EXCHANGE.name, stage, job.model_dump(mode="json"))
+
+
+class StageHandler:
+    stage = ""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.driver_config: DriverConfig = settings.driver_config()
+
+    def decode(self, body: bytes) -> Any:
+        return decode_job(body, self.settings.max_body_bytes)
+
+    def handle(self, session: Session, items: list[Any]) -> list[Publish]:
+        out: list[Publish] = []
+        seen: set[str] = set()
+        for item in items:
+            key = self.key(item)
+            if key in seen:
+                continue  # a copy within this batch: the first one's output is being published now
+            seen.add(key)
+            previous = stored_output(session, key, self.stage)
+            if previous is not None:
+                out += self.redelivered(session, previous)
+                continue
+            produced = self.handle_one(session, item)
+            add_mark(session, key, self.stage, [p.as_json() for p in produced])
+            out += produced
+        return out
+
+    def key(self, item: Any) -> str:
+        return item.job_id
+
+    def redelivered(self, session: Session, previous: list[dict[str, Any]]) -> list[Publish]:
+        return [Publish.from_json(p) for p in previous]
+
+    def handle_one(self, session: Session, item: Any) -> list[Publish]:
+        raise NotImplementedError
+
+
+class ValidateHandler(StageHandler):
+    """Intake: log the event, apply topology changes, and turn port events into binding jobs."""
+
+    stage = "validate"
+
+    def decode(self, body: bytes) -> Envelope:
+        return decode_envelope(body, self.settings.max_body_bytes)
+
+    def key(self, item: Envelope) -> str:
+        return str(item.event_id)
+
+    def handle_one(self, session: Session, env: Envelope) -> list[Publish]:
+        if record_event(session, env) is None:
+            return []  # a duplicate event_id whose mark was lost cannot happen: both share one commit
+        payload = env.typed_payload()
+        kind = env.event_type
+        jobs: list[BindingJob] = []
+        if kind == "agent.report":
+            revived = topo.upsert_agent(session, payload, env.occurred_at, self.settings.agent_down_time)
+            if revived and payload.admin_state_up:
+                jobs = self.rebind_failed(session, env, payload.host)
+        elif kind == "network.upsert":
+            topo.upsert_network(session, payload)
+        elif kind == "network.delete":
+            topo.delete_network(session, payload.id)
+        elif kind == "pci.inventory":
+            pci_store.store_inventory(session, payload)
+        elif kind in ("port.create", "port.update"):
+            jobs = self.port_changed(session, env, payload, force=False)
+        elif kind == "binding.request":
+            row = topo.lock_ports(session, [payload.port_id]).get(payload.port_id)
+            if row is None:
+                raise PoisonMessage("bad_schema", f"binding.request for unknown port {payload.port_id}",
+                                    str(env.event_id), payload.port_id)
+            port = topo.port_from_row(row).model_copy(update={"host": payload.host})
+            if payload.vnic_type is not None:
+                port.vnic_type = payload.vnic_type
+            if payload.profile is not None:
+                port.profile = payload.profile
+            jobs = self.port_changed(session, env, port, force=True)
+        elif kind == "port.delete":
+            row = topo.lock_ports(session, [payload.id]).get(payload.id)
+            if row is not None:
+                row.revision += 1
+                jobs = [self.job(env, row, "unbind", old_host=row.host or None)]
+                session.delete(row)
+        return [hand_on(job, "select") for job in jobs]
+
+    def job(self, env: Envelope, row: PortRow, action: str, **fields: Any) -> BindingJob:
+        return BindingJob(job_id=f"{env.event_id}:{row.id}", event_id=str(env.event_id),
+                          occurred_at=env.occurred_at, port_id=row.id, revision=row.revision, action=action,
+                          context=env.context, **fields)
+
+    def port_changed(self, session: Session, env: Envelope, port: Port, force: bool) -> list[BindingJob]:
+        row = topo.lock_ports(session, [port.id]).get(port.id)
+        old_host = row.host if row else ""
+        old_profile = dict(row.profile) if row else None
+        binding = session.get(BindingRow, (port.id, old_host)) if row else None
+        row, changed = topo.store_port(session, row, port)
+        needs_bind = force or changed or binding is None or binding.vif_type in v.VIF_UNPLUGGED_TYPES
+        if not needs_bind:
+            return []
+        row.revision += 1
+        original = ({"host": binding.host, "profile": binding.profile, "vif_details": binding.vif_details}
+                    if binding else None)
+        job = self.job(env, row, "bind", port=port, old_host=old_host if old_host != port.host else None,
+                       original=original)
+        try:
+            request = validate_request(port, self.driver_config, env.context, stored_profile=old_profile)
+        except BindingRequestError as exc:
+            job.error = str(exc)
+        else:
+            job.vnic_type, job.profile, job.warnings = request.vnic_type, request.profile, request.warnings
+        return [job]
+
+    def rebind_failed(self, session: Session, env: Envelope, host: str) -> list[BindingJob]:
+        """Every port that failed to bind on ``host`` gets another try (Neutron: OVS agents only)."""
+        jobs = []
+        for port_id in topo.failed_ports_on_host(session, host):
+            row = topo.lock_ports(session, [port_id]).get(port_id)
+            if row is None:
+                continue
+            row.revision += 1
+            port = topo.port_from_row(row)
+            jobs.append(self.job(env, row, "bind", port=port, vnic_type=row.vnic_type, profile=row.profile))
+        return jobs
+
+
+class SelectHandler(StageHandler):
+    """Stage 2 over the stored topology, with agent liveness judged at the event's time."""
+
+    stage = "select"
+
+    def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
+        if job.action == "bind" and job.error is None and job.port is not None:
+            networks = topo.load_networks(session, {job.port.network_id})
+            network = networks.get(job.port.network_id)
+            if network is None:
+                job.error = f"InvalidInput: network_id: network {job.port.network_id} is not known"
+            else:
+                hosts = {job.port.host} | topo.all_ovn_chassis_hosts(session)
+                agents = topo.load_agents(session, hosts, job.occurred_at, self.settings.agent_down_time)
+                request = ValidatedRequest(job.port, job.vnic_type or v.VNIC_NORMAL, job.profile, job.warnings)
+                original = OriginalBinding(**job.original) if job.original else None
+                job.selection = manager_for(self.driver_config).bind_port(request, network, agents, original)
+        return [hand_on(job, "allocate")]
+
+
+class AllocateHandler(StageHandler):
+    """Stage 3 against the database allocator: the port's old devices are released first."""
+
+    stage = "allocate"
+
+    def handle(self, session: Session, items: list[BindingJob]) -> list[Publish]:
+        topo.lock_ports(session, sorted({j.port_id for j in items}))
+        return super().handle(session, items)
+
+    def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
+        row = session.get(PortRow, job.port_id)
+        if job.action == "bind" and (row is None or row.revision != job.revision):
+            return []  # stale: a newer event for this port is on its way
+        pci_store.release_port(session, job.port_id)
+        if job.action == "bind" and job.selection is not None and job.error is None:
+            network = topo.load_networks(session, {job.port.network_id})[job.port.network_id]
+            request = ValidatedRequest(job.port, job.vnic_type or v.VNIC_NORMAL, job.profile, job.warnings)
+            job.allocation = pci_store.allocate(session, request, job.selection, network)
+        return [hand_on(job, "compose")]
+
+
+class ComposeHandler(StageHandler):
+    """Stage 4, then the binding rows and the results outbox."""
+
+    stage = "compose"
+
+    def handle(self, session: Session, items: list[BindingJob]) -> list[Publish]:
+        topo.lock_ports(session, sorted({j.port_id for j in items}))
+        return super().handle(session, items)
+
+    def redelivered(self, session: Session, previous: list[dict[str, Any]]) -> list[Publish]:
+        seqs = [p["body"]["seq"] for p in previous]
+        unpublished = session.scalars(select(ResultRow.seq).where(ResultRow.seq.in_(seqs),
+                                                                  ResultRow.published_at.is_(None))).all()
+        return [Publish.from_json(p) for p in previous if p["body"]["seq"] in set(unpublished)]
+
+    def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
+        row = session.get(PortRow, job.port_id)
+        if job.action == "bind" and (row is None or row.revision != job.revision):
+            return []
+        results: list[BindingResult] = []
+        if job.old_host is not None:
+            session.execute(delete(BindingRow).where(BindingRow.port_id == job.port_id,
+                                                     BindingRow.host == job.old_host))
+            results.append(BindingResult(id=job.port_id, port_id=job.port_id, host=job.old_host,
+                                         vif_type=v.VIF_TYPE_UNBOUND, vif_details={}))
+        if job.action == "bind":
+            result = self.compose(job)
+            if job.port.host:
+                self.store_binding(session, job, result)
+            results.append(result)
+        out = []
+        for result in results:
+            result.event_id = job.event_id
+            out.append(self.add_result(session, result))
+        return out
+
+    def compose(self, job: BindingJob) -> BindingResult:
+        if job.error is not None or job.selection is None:
+            return BindingResult(id=job.port_id, error=job.error, port_id=job.port_id, host=job.port.host,
+                                 vnic_type=job.vnic_type)
+        request = ValidatedRequest(job.port, job.vnic_type or v.VNIC_NORMAL, job.profile, job.warnings)
+        return compose_result(job.port_id, request, job.selection, job.allocation or AllocationDecision())
+
+    def store_binding(self, session: Session, job: BindingJob, result: BindingResult) -> None:
+        binding = session.get(BindingRow, (job.port_id, job.port.host))
+        if binding is None:
+            binding = BindingRow(port_id=job.port_id, host=job.port.host)
+            session.add(binding)
+        binding.status = v.BINDING_ACTIVE
+        binding.vnic_type = job.vnic_type or v.VNIC_NORMAL
+        binding.profile = result.profile or job.profile
+        binding.vif_type = result.vif_type or v.VIF_TYPE_BINDING_FAILED
+        binding.vif_details = result.vif_details or {}
+        binding.levels = [lv.model_dump() for lv in result.binding_levels]
+        binding.event_id = job.event_id
+        if result.dynamic_segments:
+            topo.save_dynamic_segments(session, job.port.network_id, result.dynamic_segments)
+
+    def add_result(self, session: Session, result: BindingResult) -> Publish:
+        row = ResultRow(event_id=result.event_id, port_id=result.port_id, host=result.host or "", body={})
+        session.add(row)
+        session.flush()
+        result.seq = row.seq
+        row.body = result.model_dump(mode="json")
+        return Publish(RESULTS.name, host_routing_key(row.host), row.body)
+
+
+HANDLERS: dict[str, type[StageHandler]] = {
+    h.stage: h for h in (ValidateHandler, SelectHandler, AllocateHandler, ComposeHandler)}

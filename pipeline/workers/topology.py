@@ -1,0 +1,58 @@
+"""Every exchange, queue and argument of the bus, declared in one place.
+
+Stage queues are quorum queues (classic as an option) with an explicit delivery limit — RabbitMQ
+3.10 has no default — and a dead-letter exchange routing each stage's rejects to its own DLQ.
+"""
+
+from kombu import Connection, Exchange, Queue
+
+from pipeline.settings import Settings
+
+STAGES = ("validate", "select", "allocate", "compose")
+EVENTS = Exchange("binding.events", type="topic", durable=True)
+STAGE_EXCHANGE = Exchange("binding.stages", type="direct", durable=True)
+RESULTS = Exchange("binding.results", type="topic", durable=True)
+DEAD_LETTERS = Exchange("binding.dlx", type="direct", durable=True)
+
+
+def queue_arguments(settings: Settings, stage: str | None = None) -> dict[str, object]:
+    args: dict[str, object] = {"x-queue-type": settings.queue_type}
+    if stage is not None:
+        args.update({"x-dead-letter-exchange": DEAD_LETTERS.name, "x-dead-letter-routing-key": stage})
+        if settings.queue_type == "quorum":
+            args.update({"x-delivery-limit": settings.delivery_limit,
+                         "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+    return args
+
+
+def stage_queue(stage: str, settings: Settings) -> Queue:
+    """``binding.validate`` takes every event; the later stages take their hand-offs."""
+    if stage == "validate":
+        return Queue("binding.validate", EVENTS, routing_key="#", durable=True,
+                     queue_arguments=queue_arguments(settings, stage))
+    return Queue(f"binding.{stage}", STAGE_EXCHANGE, routing_key=stage, durable=True,
+                 queue_arguments=queue_arguments(settings, stage))
+
+
+def dead_letter_queue(stage: str, settings: Settings) -> Queue:
+    return Queue(f"binding.{stage}.dlq", DEAD_LETTERS, routing_key=stage, durable=True,
+                 queue_arguments=queue_arguments(settings))
+
+
+def host_routing_key(host: str) -> str:
+    return f"host.{host}"
+
+
+def results_queue(host: str, settings: Settings) -> Queue:
+    """A compute host's own durable queue of results."""
+    return Queue(f"binding.results.{host}", RESULTS, routing_key=host_routing_key(host), durable=True,
+                 queue_arguments=queue_arguments(settings))
+
+
+def declare_topology(connection: Connection, settings: Settings) -> None:
+    channel = connection.default_channel
+    for exchange in (EVENTS, STAGE_EXCHANGE, RESULTS, DEAD_LETTERS):
+        exchange(channel).declare()
+    for stage in STAGES:
+        stage_queue(stage, settings)(channel).declare()
+        dead_letter_queue(stage, settings)(channel).declare()
