@@ -1,0 +1,136 @@
+"""Structured logs: one stream (stderr) for structlog and for the stdlib loggers of kombu, amqp, sqlalchemy.
+
+Processor chain, for structlog calls and (via ``ProcessorFormatter``) for stdlib records alike::
+
+    merge_contextvars -> add_log_level -> TimeStamper(iso, utc) -> StackInfoRenderer
+      -> format_exc_info (json only) -> redact_secrets -> JSONRenderer | ConsoleRenderer
+
+``ConsoleRenderer`` formats exceptions itself (structlog warns when ``format_exc_info`` runs before
+it), so the console chain leaves ``exc_info`` to it, with a plain, redacted traceback (never rich's
+locals, which could hold secrets). Per message, workers call
+:func:`bind_event_context` so every line carries ``event_id``, ``port_id``, ``host`` and ``stage``.
+
+:func:`redact_secrets` replaces with ``***``: the value of any key that names a secret (password,
+passwd, secret, token, signature, credential, authorization, cookie, or a name ending in ``key``/
+``keys`` such as ``api_key``, ``private_key``, ``signing_keys`` — but not ``routing_key`` and the
+other names in ``NON_SECRET_KEY_NAMES``), at any depth of dicts/lists; and, inside every string,
+the password of a URL (``amqp://user:pass@host`` -> ``amqp://user:***@host``) and of a libpq
+``password=...`` pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "***"
+NON_SECRET_KEY_NAMES = frozenset({
+    "routing_key", "binding_key", "dedup_key", "idempotency_key", "partition_key", "sort_key", "hash_key",
+    "key_id",
+})
+_SECRET_KEY = re.compile(r"pass(word|wd)|secret|token|signature|credential|authori[sz]ation|cookie|keys?$",
+                         re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]+@")
+_DSN_PASSWORD = re.compile(r"(?P<head>\bpass(word|wd)\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+_HANDLER_NAME = "bindpipe"
+
+
+def is_secret_key(name: object) -> bool:
+    return isinstance(name, str) and name.lower() not in NON_SECRET_KEY_NAMES and bool(_SECRET_KEY.search(name))
+
+
+def redact_text(text: str) -> str:
+    """Mask URL and libpq passwords inside ``text``."""
+    if "://" in text:
+        text = _URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
+    if "pass" in text.lower():
+        text = _DSN_PASSWORD.sub(rf"\g<head>{REDACTED}", text)
+    return text
+
+
+def _redact(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if depth > 8:  # logs never need deeper structures; do not recurse without bound
+        return value
+    if isinstance(value, dict):
+        return {k: REDACTED if is_secret_key(k) else _redact(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact(v, depth + 1) for v in value)
+    return value
+
+
+def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: see the module docstring for what is masked."""
+    for key, value in list(event_dict.items()):
+        if key.startswith("_"):  # ProcessorFormatter's _record / _from_structlog
+            continue
+        event_dict[key] = REDACTED if is_secret_key(key) else _redact(value)
+    return event_dict
+
+
+def _redacted_traceback(sio: TextIO, exc_info: Any) -> None:
+    """ConsoleRenderer's exception formatter: a plain traceback, redacted (rich's would print locals)."""
+    sio.write("\n" + redact_text("".join(traceback.format_exception(*exc_info))).rstrip("\n"))
+
+
+def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
+    """Configure structlog and the stdlib root logger once per process (calling again reconfigures).
+
+    ``fmt`` is ``json`` (production; one JSON object per line) or ``console`` (development).
+    """
+    if fmt not in ("json", "console"):
+        raise ValueError(f"log format must be 'json' or 'console', not {fmt!r}")
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+        if not isinstance(level, int):
+            raise ValueError(f"unknown log level {level!r}")
+
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: Any
+    if fmt == "json":
+        final: list[Any] = [structlog.processors.format_exc_info, redact_secrets]
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        final = [redact_secrets]
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=_redacted_traceback)
+
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+
+
+def bind_event_context(event_id: str | None = None, port_id: str | None = None, host: str | None = None,
+                       stage: str | None = None, **extra: Any) -> None:
+    """Forget the previous message's context and bind this one's (``None`` values are left out)."""
+    structlog.contextvars.clear_contextvars()
+    context = {"event_id": event_id, "port_id": port_id, "host": host, "stage": stage, **extra}
+    structlog.contextvars.bind_contextvars(**{k: v for k, v in context.items() if v is not None})

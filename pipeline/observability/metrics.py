@@ -1,0 +1,344 @@
+"""Every Prometheus metric of the pipeline, defined once, at import.
+
+Worker processes run side by side under supervisord/systemd, so metrics use prometheus_client's
+**multiprocess mode**: each process writes its values to mmap files in one directory
+(``PROMETHEUS_MULTIPROC_DIR``) and one exporter process (``bindpipe metrics-server``) serves
+their aggregate. The directory is taken, in order, from ``PROMETHEUS_MULTIPROC_DIR``, from
+``BINDPIPE_METRICS_DIR`` (both read at import) or from :func:`configure_metrics_dir` (called before
+the first metric is used). With none of them the metrics live in this process's default registry,
+as in tests and the single-process embedded mode.
+
+The launcher wipes the directory before the first worker starts (``deploy/bin/bindpipe-prestart``);
+the live gauges of processes that have exited are reaped on every export
+(:func:`reap_dead_processes`), so the ``livemax`` gauges only show processes that are alive, while
+their counters and histograms keep adding to the totals.
+
+Labels are bounded: stages, outcomes, reason *categories*, vif types, hosts and physnets; never
+port ids or free text (use :func:`failure_reason_category` for decline/error texts).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, multiprocess, values
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_ENV = "BINDPIPE_METRICS_DIR"
+
+STAGES = ("validate", "select", "allocate", "compose")
+STAGE_OUTCOMES = ("ok", "duplicate", "rejected", "dead_lettered", "retried")
+BINDING_OUTCOMES = ("bound", "failed", "unbound", "error")
+FAILURE_REASONS = (
+    "no_agent", "agent_dead", "vnic_type_unsupported", "vnic_type_prohibited", "physnet_unmapped",
+    "network_type_unsupported", "switchdev_mismatch", "pci_exhausted", "pci_no_matching_device",
+    "pci_numa_affinity", "pci_pinned_device", "driver_error", "invalid_input", "policy", "config_error",
+    "other",
+)
+DEAD_LETTER_REASONS = (
+    "bad_json", "bad_schema", "unknown_event_type", "too_large", "not_utf8", "missing_event_id",
+    "bad_signature", "delivery_limit", "other",
+)
+PCI_STATES = ("available", "claimed", "allocated", "unavailable", "unclaimable")
+
+
+def _is_multiprocess() -> bool:
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def _use_directory(path: str) -> str:
+    """Point prometheus_client at ``path``: new metric values are mmap files there from now on."""
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    if os.environ.get(MULTIPROC_ENV) != path or not _is_multiprocess():
+        os.environ[MULTIPROC_ENV] = path
+        # prometheus_client picks its value class once, when it is first imported; it may have been
+        # imported before the directory was known, so pick again (a fresh class opens fresh files).
+        values.ValueClass = values.MultiProcessValue()
+    return path
+
+
+# The directory must be chosen before the first metric below is constructed.
+if os.environ.get(MULTIPROC_ENV) or os.environ.get(METRICS_DIR_ENV):
+    _use_directory(os.environ.get(MULTIPROC_ENV) or os.environ[METRICS_DIR_ENV])
+
+STAGE_MESSAGES = Counter(
+    "bindpipe_stage_messages_total", "Messages handled by a stage, by outcome (ok|duplicate|rejected|dead_lettered|retried).",
+    ["stage", "outcome"])
+STAGE_DURATION = Histogram(
+    "bindpipe_stage_duration_seconds", "Time a stage spends handling one message.", ["stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+BATCH_SIZE = Histogram(
+    "bindpipe_batch_size", "Deliveries handled in one stage transaction.", ["stage"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500))
+END_TO_END_LATENCY = Histogram(
+    "bindpipe_end_to_end_latency_seconds", "From an event's occurred_at to its result being published.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0))
+BINDINGS = Counter(
+    "bindpipe_bindings_total", "Binding results, by vif_type and outcome (bound|failed|unbound|error).",
+    ["vif_type", "outcome"])
+BINDING_FAILURES = Counter(
+    "bindpipe_binding_failures_total", "Failed bindings by reason category (see failure_reason_category).",
+    ["reason"])
+DEAD_LETTERS = Counter(
+    "bindpipe_dead_letters_total", "Messages dead-lettered by a stage, by bounded reason.", ["stage", "reason"])
+PCI_DEVICES = Gauge(
+    "bindpipe_pci_devices", "PCI devices by host, physnet, vendor:product and state.",
+    ["host", "physical_network", "vendor_product", "state"], multiprocess_mode="livemax")
+EVENT_LOG_LAG = Gauge(
+    "bindpipe_event_log_lag", "Newest event-log sequence number minus the newest one the stage has handled.",
+    ["stage"], multiprocess_mode="livemax")
+WORKER_LAST_LOOP = Gauge(
+    "bindpipe_worker_last_loop_timestamp_seconds", "Unix time at which a stage worker's consume loop last turned.",
+    ["stage"], multiprocess_mode="livemax")
+
+_ALL = (STAGE_MESSAGES, STAGE_DURATION, BATCH_SIZE, END_TO_END_LATENCY, BINDINGS, BINDING_FAILURES, DEAD_LETTERS,
+        PCI_DEVICES, EVENT_LOG_LAG, WORKER_LAST_LOOP)
+_UNLABELLED = (END_TO_END_LATENCY,)
+
+#: Every metric family name as exposed (counters with their ``_total``), for docs, dashboards and tests.
+METRIC_FAMILIES = (
+    "bindpipe_stage_messages_total",
+    "bindpipe_stage_duration_seconds",
+    "bindpipe_batch_size",
+    "bindpipe_end_to_end_latency_seconds",
+    "bindpipe_bindings_total",
+    "bindpipe_binding_failures_total",
+    "bindpipe_dead_letters_total",
+    "bindpipe_pci_devices",
+    "bindpipe_event_log_lag",
+    "bindpipe_worker_last_loop_timestamp_seconds",
+)
+
+
+def metrics_dir() -> str | None:
+    """The multiprocess directory in use, or None in single-process mode."""
+    return os.environ.get(MULTIPROC_ENV) if _is_multiprocess() else None
+
+
+def _in_use() -> bool:
+    if any(metric._metrics for metric in _ALL if metric not in _UNLABELLED):
+        return True
+    return any(bucket.get() for metric in _UNLABELLED for bucket in metric._buckets)
+
+
+def configure_metrics_dir(path: str | None) -> str | None:
+    """Use multiprocess mode with ``path`` (created if missing); call before the first metric is used.
+
+    ``None`` changes nothing. Returns the directory in use (None in single-process mode). Raises
+    ``RuntimeError`` when a metric already holds values in another place: they would be lost.
+    """
+    if not path:
+        return metrics_dir()
+    if metrics_dir() == os.path.abspath(path):
+        return _use_directory(path)
+    if _in_use():
+        raise RuntimeError(f"metrics were used before configure_metrics_dir({path!r}); call it at process start")
+    path = _use_directory(path)
+    for metric in _UNLABELLED:
+        metric._metric_init()  # re-create its values with the multiprocess value class
+    return path
+
+
+def mark_dead(pid: int) -> None:
+    """Drop the live gauges of an exited process (no-op in single-process mode)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        multiprocess.mark_process_dead(pid, path)
+
+
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
+
+
+_REAP_LOCK = threading.Lock()
+
+
+def _writes_to(pid: int, path: str) -> bool:
+    """Is ``pid`` a live process with a file of ``path`` mapped (as every metrics writer has)?
+
+    Looking at /proc/PID/maps, not just at the pid, keeps a recycled pid from passing for the dead
+    writer. Where /proc is missing or unreadable, a live pid counts as a writer.
+    """
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            return os.path.realpath(path) + os.sep in maps.read()
+    except (FileNotFoundError, ProcessLookupError):
+        if os.path.isdir("/proc"):
+            return False
+    except OSError:  # not ours to read: decide by the pid alone
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_processes(path: str | None = None) -> list[int]:
+    """``mark_dead`` every process that left live-gauge files in ``path`` and no longer runs.
+
+    Counters and histograms of dead processes stay (they keep adding to the totals, as they must);
+    only their ``livemax`` gauges go. Returns the pids reaped.
+    """
+    path = path or metrics_dir()
+    if not path:
+        return []
+    with _REAP_LOCK:  # concurrent scrapes would race on the same files
+        pids = {int(m.group(1)) for m in map(_LIVE_GAUGE_FILE.match, os.listdir(path)) if m}
+        dead = sorted(pid for pid in pids if pid != os.getpid() and not _writes_to(pid, path))
+        for pid in dead:
+            try:
+                multiprocess.mark_process_dead(pid, path)
+            except FileNotFoundError:  # removed meanwhile by another exporter or mark_dead()
+                pass
+    return dead
+
+
+class _ReapingCollector:
+    """The multiprocess aggregate, after reaping the live gauges of processes that have exited."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._inner = multiprocess.MultiProcessCollector(None, path=path)
+
+    def collect(self):
+        reap_dead_processes(self._path)
+        return self._inner.collect()
+
+
+def registry_for_export() -> CollectorRegistry:
+    """What ``/metrics`` serves: the aggregate of every process's files, or this process's registry."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return REGISTRY
+    registry = CollectorRegistry()
+    registry.register(_ReapingCollector(path))
+    return registry
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
+        pass
+
+
+def make_metrics_server(port: int, addr: str = "0.0.0.0") -> WSGIServer:
+    """An HTTP server (not yet serving) whose every path answers with :func:`registry_for_export`."""
+    server_class = _Server
+    if ":" in addr:  # an IPv6 address
+        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    return make_server(addr, port, make_wsgi_app(registry_for_export()), server_class=server_class,
+                       handler_class=_QuietHandler)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve the metrics until SIGTERM (or SIGINT), then return; blocking (``bindpipe metrics-server``)."""
+    server = make_metrics_server(port, addr)
+    if threading.current_thread() is threading.main_thread():
+        def stop(signum: int, frame: object) -> None:
+            # shutdown() waits for serve_forever() to return, so it must run on another thread.
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# --- decline / error texts -> bounded reason categories ---------------------------------------
+#
+# First matching rule wins (case-insensitive search in the text); a text that already is a
+# category maps to itself; anything else is "other".
+#
+# | category                 | texts it covers (as the stages and drivers write them)                          |
+# |--------------------------|----------------------------------------------------------------------------------|
+# | invalid_input            | "InvalidInput: …" (validation)                                                   |
+# | policy                   | "PolicyNotAuthorized: …", "… not authorized …"                                   |
+# | config_error             | "ConfigError: …"                                                                 |
+# | driver_error             | "raised KeyError: …" (a driver raised), "driver error"                           |
+# | pci_no_matching_device   | "no tracked device matches the request spec …", no_matching_device                |
+# | pci_numa_affinity        | "… the NUMA policy", "… on NUMA node N …", numa_affinity, device_numa_affinity    |
+# | pci_exhausted            | "every suitable device is in use …", exhausted, no_vf_available,                 |
+# |                          | a bare ComputeResourcesUnavailable                                               |
+# | pci_pinned_device        | a profile pci_slot that is not tracked / not free / not matching:                |
+# |                          | "pci_slot …", device_not_found, device_not_available, device_mismatch,           |
+# |                          | PciDeviceNotFound, PciDeviceInvalidStatus, PciDeviceRequestFailed, PciDevice*…  |
+# | switchdev_mismatch       | "vnic_type direct without/with the switchdev capability", OVN external ports     |
+# | vnic_type_prohibited     | "vnic_type X prohibited by configuration"                                        |
+# | vnic_type_unsupported    | "vnic_type X not supported", "does not report baremetal_smartnic"                |
+# | network_type_unsupported | "network type X not supported by …"                                              |
+# | physnet_unmapped         | "physnet1 not in bridge_mappings / device_mappings / interface_mappings /        |
+# |                          | ovn-bridge-mappings …"                                                           |
+# | agent_dead               | "NIC Switch agent on host-1 is dead", "OVN chassis on host-1 is dead"            |
+# | no_agent                 | "no Open vSwitch agent registered on host …", "no OVN chassis for host …"        |
+# | other                    | everything else (e.g. "network has no segments", routed-network and binding-level |
+# |                          | declines, macvtap live-migration mismatch, PortInUse)                            |
+_REASON_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (category, re.compile(pattern, re.IGNORECASE)) for category, pattern in (
+        ("invalid_input", r"^\s*InvalidInput\b"),
+        ("policy", r"^\s*PolicyNotAuthorized\b|\bnot authori[sz]ed\b"),
+        ("config_error", r"^\s*ConfigError\b"),
+        ("driver_error", r"\braised [A-Za-z_][\w.]*|\bdriver error\b"),
+        ("pci_no_matching_device", r"no_matching_device|no tracked device matches|no matching (pci )?device"),
+        ("pci_numa_affinity", r"\bNUMA (policy|node)\b|numa_affinity"),
+        ("pci_exhausted", r"\bexhausted\b|every suitable device is in use|no_vf_available"
+                          r"|no (free|available) (vfs?|devices?)\b"),
+        ("pci_pinned_device", r"pci_slot|device_not_found|device_not_available|device_mismatch"
+                              r"|PciDevice(NotFound|InvalidStatus|RequestFailed|VFInvalidStatus|PFInvalidStatus)"),
+        ("pci_exhausted", r"ComputeResourcesUnavailable"),
+        ("switchdev_mismatch", r"\b(with|without)( the)? switchdev\b"),
+        ("vnic_type_prohibited", r"vnic_type \S+ prohibited"),
+        ("vnic_type_unsupported", r"vnic_type \S+ not supported|baremetal_smartnic"),
+        ("network_type_unsupported", r"network[ _]type \S+ not supported"),
+        ("physnet_unmapped", r"\bnot in \S*mappings\b"),
+        ("agent_dead", r"\bis dead\b"),
+        ("no_agent", r"^\s*no \b.*\b(agent|chassis)\b"),
+    ))
+
+
+def failure_reason_category(text: str) -> str:
+    """The bounded ``reason`` label for a free-text decline or error (see the table above)."""
+    if not text:
+        return "other"
+    stripped = text.strip()
+    if stripped in FAILURE_REASONS:
+        return stripped
+    for category, pattern in _REASON_RULES:
+        if pattern.search(stripped):
+            return category
+    return "other"
+
+
+def bounded(value: str | None, allowed: Iterable[str], default: str = "other") -> str:
+    """``value`` if it is one of ``allowed``, else ``default`` (keeps label sets bounded)."""
+    return value if value in tuple(allowed) else default
+
+
+def touch_loop(stage: str) -> None:
+    """Record that ``stage``'s consume loop is turning (for the worker-stalled alert)."""
+    WORKER_LAST_LOOP.labels(stage=stage).set(time.time())
+
+
+__all__ = [
+    "BATCH_SIZE", "BINDINGS", "BINDING_FAILURES", "BINDING_OUTCOMES", "DEAD_LETTERS", "DEAD_LETTER_REASONS",
+    "END_TO_END_LATENCY", "EVENT_LOG_LAG", "FAILURE_REASONS", "METRIC_FAMILIES", "PCI_DEVICES", "PCI_STATES",
+    "STAGES", "STAGE_DURATION", "STAGE_MESSAGES", "STAGE_OUTCOMES", "WORKER_LAST_LOOP", "bounded",
+    "configure_metrics_dir", "failure_reason_category", "make_metrics_server", "mark_dead", "metrics_dir",
+    "reap_dead_processes", "registry_for_export", "serve", "touch_loop",
+]

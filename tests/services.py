@@ -1,0 +1,80 @@
+"""The real services tests may need, each behind one call that returns its URL.
+
+A test (or fixture) that needs RabbitMQ or PostgreSQL calls :func:`require_rabbitmq` /
+:func:`require_postgres` first. When the service cannot be reached the test is **skipped** with the
+reason — except in CI (``CI=true``), where it **fails**: CI must never go green by skipping.
+
+URLs come from ``BINDPIPE_TEST_BROKER_URL`` and ``BINDPIPE_TEST_DATABASE_URL``, defaulting to the
+local services (RabbitMQ guest/guest on 127.0.0.1:5672, PostgreSQL user postgres, database test).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import pytest
+
+BROKER_URL_ENV = "BINDPIPE_TEST_BROKER_URL"
+DATABASE_URL_ENV = "BINDPIPE_TEST_DATABASE_URL"
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Fail in CI, skip elsewhere; never returns."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: the real services are required)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _safe(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+@functools.lru_cache(maxsize=None)
+def _rabbitmq_problem(url: str) -> str | None:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as connection:
+            connection.connect()
+    except Exception as exc:  # any failure to connect is the reason to report
+        return f"RabbitMQ at {_safe(url)} is unreachable: {type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _postgres_problem(url: str) -> str | None:
+    import psycopg
+
+    conninfo = re.sub(r"^postgresql\+\w+://", "postgresql://", url)
+    try:
+        with psycopg.connect(conninfo, connect_timeout=3) as connection:
+            connection.execute("SELECT 1")
+    except Exception as exc:
+        return f"PostgreSQL at {_safe(url)} is unreachable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def require_rabbitmq() -> str:
+    """The broker URL (kombu/amqp form) after checking a login works; else skip or fail."""
+    url = os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL)
+    problem = _rabbitmq_problem(url)
+    if problem:
+        unavailable(problem)
+    return url
+
+
+def require_postgres() -> str:
+    """The database URL (SQLAlchemy ``postgresql+psycopg`` form) after checking a query works; else skip or fail."""
+    url = os.environ.get(DATABASE_URL_ENV, DEFAULT_DATABASE_URL)
+    problem = _postgres_problem(url)
+    if problem:
+        unavailable(problem)
+    return url
