@@ -62,19 +62,19 @@ def _postgres_problem(url: str) -> str | None:
     return None
 
 
-def require_rabbitmq() -> str:
-    """The broker URL (kombu/amqp form) after checking a login works; else skip or fail."""
-    url = os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL)
-    problem = _rabbitmq_problem(url)
+def _require(env: str, default: str, problem_of) -> str:  # noqa: ANN001
+    url = os.environ.get(env, default)
+    problem = problem_of(url)
     if problem:
         unavailable(problem)
     return url
+
+
+def require_rabbitmq() -> str:
+    """The broker URL (kombu/amqp form) after checking a login works; else skip or fail."""
+    return _require(BROKER_URL_ENV, DEFAULT_BROKER_URL, _rabbitmq_problem)
 
 
 def require_postgres() -> str:
     """The database URL (SQLAlchemy ``postgresql+psycopg`` form) after checking a query works; else skip or fail."""
-    url = os.environ.get(DATABASE_URL_ENV, DEFAULT_DATABASE_URL)
-    problem = _postgres_problem(url)
-    if problem:
-        unavailable(problem)
-    return url
+    return _require(DATABASE_URL_ENV, DEFAULT_DATABASE_URL, _postgres_problem)

@@ -1,6 +1,6 @@
 """Networks, agents and ports as the stages read them."""
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.models.tables import AgentRow, BindingRow, NetworkRow, PortRow, SegmentRow
 from pipeline.models.topology import Agent, Network, Port, Segment, Subnet
+from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES
 
 PORT_INPUT_KEYS = ("host", "vnic_type", "profile")
 
@@ -35,8 +36,6 @@ def upsert_agent(session: Session, agent: Agent, at: datetime, down_time: int) -
 
 def _aware(value: datetime) -> datetime:
     """SQLite returns naive datetimes for timezone-aware columns; they were stored as UTC."""
-    from datetime import UTC
-
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
@@ -56,8 +55,6 @@ def load_agents(session: Session, hosts: set[str], at: datetime, down_time: int)
 
 def all_ovn_chassis_hosts(session: Session) -> set[str]:
     """Remote-managed ports bind on a DPU chassis that is not the port's host: OVN needs them all."""
-    from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES
-
     return set(session.scalars(select(AgentRow.host).where(AgentRow.agent_type.in_(OVN_CONTROLLER_TYPES))))
 
 

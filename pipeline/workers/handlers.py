@@ -94,6 +94,11 @@ def decode_job(body: bytes, max_bytes: int) -> BindingJob:
         raise PoisonMessage("bad_schema", f"not a binding job: {exc.errors()[0]['msg']}") from None
 
 
+def validated(job: BindingJob) -> ValidatedRequest:
+    """The stage-1 outcome a job carries, as the later stages take it."""
+    return ValidatedRequest(job.port, job.vnic_type or v.VNIC_NORMAL, job.profile, job.warnings)
+
+
 def hand_on(job: BindingJob, stage: str) -> Publish:
     return Publish(STAGE_EXCHANGE.name, stage, job.model_dump(mode="json"))
 
@@ -237,51 +242,53 @@ class SelectHandler(StageHandler):
             else:
                 hosts = {job.port.host} | topo.all_ovn_chassis_hosts(session)
                 agents = topo.load_agents(session, hosts, job.occurred_at, self.settings.agent_down_time)
-                request = ValidatedRequest(job.port, job.vnic_type or v.VNIC_NORMAL, job.profile, job.warnings)
                 original = OriginalBinding(**job.original) if job.original else None
-                job.selection = manager_for(self.driver_config).bind_port(request, network, agents, original)
+                job.selection = manager_for(self.driver_config).bind_port(validated(job), network, agents, original)
         return [hand_on(job, "allocate")]
 
 
-class AllocateHandler(StageHandler):
+class PortLockingHandler(StageHandler):
+    """A stage that changes a port's state: its ports are locked (in id order) for the batch, and a
+    ``bind`` job whose revision is no longer the port's is dropped as stale."""
+
+    def handle(self, session: Session, items: list[BindingJob]) -> list[Publish]:
+        topo.lock_ports(session, sorted({j.port_id for j in items}))
+        return super().handle(session, items)
+
+    @staticmethod
+    def is_stale(session: Session, job: BindingJob) -> bool:
+        row = session.get(PortRow, job.port_id)
+        return job.action == "bind" and (row is None or row.revision != job.revision)
+
+
+class AllocateHandler(PortLockingHandler):
     """Stage 3 against the database allocator: the port's old devices are released first."""
 
     stage = "allocate"
 
-    def handle(self, session: Session, items: list[BindingJob]) -> list[Publish]:
-        topo.lock_ports(session, sorted({j.port_id for j in items}))
-        return super().handle(session, items)
-
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
-        row = session.get(PortRow, job.port_id)
-        if job.action == "bind" and (row is None or row.revision != job.revision):
-            return []  # stale: a newer event for this port is on its way
+        if self.is_stale(session, job):
+            return []  # a newer event for this port is on its way
         pci_store.release_port(session, job.port_id)
         if job.action == "bind" and job.selection is not None and job.error is None:
             network = topo.load_networks(session, {job.port.network_id})[job.port.network_id]
-            request = ValidatedRequest(job.port, job.vnic_type or v.VNIC_NORMAL, job.profile, job.warnings)
-            job.allocation = pci_store.allocate(session, request, job.selection, network)
+            job.allocation = pci_store.allocate(session, validated(job), job.selection, network)
         return [hand_on(job, "compose")]
 
 
-class ComposeHandler(StageHandler):
+class ComposeHandler(PortLockingHandler):
     """Stage 4, then the binding rows and the results outbox."""
 
     stage = "compose"
 
-    def handle(self, session: Session, items: list[BindingJob]) -> list[Publish]:
-        topo.lock_ports(session, sorted({j.port_id for j in items}))
-        return super().handle(session, items)
-
     def redelivered(self, session: Session, previous: list[dict[str, Any]]) -> list[Publish]:
         seqs = [p["body"]["seq"] for p in previous]
-        unpublished = session.scalars(select(ResultRow.seq).where(ResultRow.seq.in_(seqs),
-                                                                  ResultRow.published_at.is_(None))).all()
-        return [Publish.from_json(p) for p in previous if p["body"]["seq"] in set(unpublished)]
+        unpublished = set(session.scalars(select(ResultRow.seq).where(ResultRow.seq.in_(seqs),
+                                                                      ResultRow.published_at.is_(None))))
+        return [Publish.from_json(p) for p in previous if p["body"]["seq"] in unpublished]
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
-        row = session.get(PortRow, job.port_id)
-        if job.action == "bind" and (row is None or row.revision != job.revision):
+        if self.is_stale(session, job):
             return []
         results: list[BindingResult] = []
         if job.old_host is not None:
@@ -304,8 +311,7 @@ class ComposeHandler(StageHandler):
         if job.error is not None or job.selection is None:
             return BindingResult(id=job.port_id, error=job.error, port_id=job.port_id, host=job.port.host,
                                  vnic_type=job.vnic_type)
-        request = ValidatedRequest(job.port, job.vnic_type or v.VNIC_NORMAL, job.profile, job.warnings)
-        return compose_result(job.port_id, request, job.selection, job.allocation or AllocationDecision())
+        return compose_result(job.port_id, validated(job), job.selection, job.allocation or AllocationDecision())
 
     def store_binding(self, session: Session, job: BindingJob, result: BindingResult) -> None:
         binding = session.get(BindingRow, (job.port_id, job.port.host))
