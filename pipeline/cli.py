@@ -1,9 +1,55 @@
-"""``bindpipe``: the one command-line entry point."""
+"""``bindpipe``: the one command-line entry point.
+
+Every command reads its configuration from ``BINDPIPE_*`` environment variables (and the optional
+``BINDPIPE_CONFIG_FILE``); see ``pipeline/settings.py``.
+"""
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Port-binding control plane: ML2-compatible bindings with Nova-strict PCI accounting.")
+replay_app = typer.Typer(no_args_is_help=True, help="Publish stored results or events again.")
+app.add_typer(replay_app, name="replay")
+
+STAGE_NAMES = ("validate", "select", "allocate", "compose")
+
+
+def _settings():  # noqa: ANN202 - Settings, imported lazily to keep `--help` fast
+    from pydantic import ValidationError
+
+    from pipeline.observability.logging import configure_logging
+    from pipeline.observability.metrics import configure_metrics_dir
+    from pipeline.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        typer.echo(f"bindpipe: bad configuration:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_format)
+    configure_metrics_dir(settings.metrics_dir)
+    return settings
+
+
+def _engine(settings):  # noqa: ANN001, ANN202
+    from pipeline.db import create_schema, make_engine
+
+    engine = make_engine(settings.database_url)
+    if engine.dialect.name == "sqlite":
+        create_schema(engine)  # the embedded default needs no migration step
+    return engine
+
+
+def _publisher(settings):  # noqa: ANN001, ANN202
+    from kombu import Connection
+
+    from pipeline.workers.publisher import BatchPublisher, connect_with_retry
+
+    connection = connect_with_retry(Connection(settings.broker_url, ssl=settings.broker_ssl_options()), 60)
+    return BatchPublisher(connection)
 
 
 @app.command("dry-run")
@@ -20,3 +66,148 @@ def pci_dry_run(path: str = typer.Argument(..., metavar="FILE|-", help="JSON lis
     from pipeline.pci_dry_run import main_pci_dry_run
 
     raise typer.Exit(main_pci_dry_run(path))
+
+
+@app.command()
+def worker(stage: Annotated[str, typer.Argument(help="validate, select, allocate or compose")],
+           concurrency: Annotated[int, typer.Option(min=1, help="worker processes for this stage")] = 1) -> None:
+    """Run one stage's worker (SIGTERM: finish the batch in hand, ack it, exit)."""
+    if stage not in STAGE_NAMES:
+        typer.echo(f"bindpipe worker: unknown stage {stage!r}; one of {', '.join(STAGE_NAMES)}", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    if concurrency > 1:
+        if settings.embedded:
+            typer.echo("bindpipe worker: --concurrency needs a real broker (the in-memory one lives in one "
+                       "process); use `bindpipe run`", err=True)
+            raise typer.Exit(2)
+        from pipeline.workers.processes import run_processes
+
+        raise typer.Exit(run_processes(stage, concurrency))
+    from pipeline.workers.consumer import Worker
+
+    Worker(settings, _engine(settings), [stage]).run_forever()
+
+
+@app.command()
+def run(relay_every: Annotated[float, typer.Option(help="seconds between outbox relay passes")] = 5.0) -> None:
+    """Run every stage (and the outbox relay) in this one process: the embedded default or a small site."""
+    from pipeline.workers.consumer import Worker
+    from pipeline.workers.republish import Relay
+    from pipeline.workers.topology import STAGES
+
+    settings = _settings()
+    engine = _engine(settings)
+    the_worker = Worker(settings, engine, list(STAGES))
+    the_worker.periodic.append(Relay(engine, lambda: the_worker.publisher, relay_every))
+    the_worker.run_forever()
+
+
+@app.command()
+def relay(interval: Annotated[float, typer.Option(help="seconds between passes")] = 2.0,
+          grace: Annotated[float, typer.Option(help="age before an unpublished result is relayed")] = 5.0,
+          once: Annotated[bool, typer.Option(help="one pass, then exit")] = False) -> None:
+    """Publish results that were committed but never confirmed as published (the outbox)."""
+    from pipeline.workers.republish import run_relay
+
+    settings = _settings()
+    raise typer.Exit(run_relay(_engine(settings), _publisher(settings), interval, grace, once))
+
+
+@app.command()
+def declare() -> None:
+    """Declare every exchange and queue (needs configure permission; production applies
+    deploy/rabbitmq/definitions.json instead)."""
+    from kombu import Connection
+
+    from pipeline.workers.topology import declare_topology
+
+    settings = _settings()
+    with Connection(settings.broker_url, ssl=settings.broker_ssl_options()) as connection:
+        declare_topology(connection, settings)
+    typer.echo("declared binding.events, binding.stages, binding.results, binding.dlx and the stage queues")
+
+
+@app.command()
+def demo(ports: Annotated[int, typer.Option(min=1, max=100_000, help="ports to create")] = 300,
+         database: Annotated[Path, typer.Option(help="SQLite file for the run (replaced)")] = Path("bindpipe-demo.sqlite")) -> None:
+    """Bind a sample cloud's ports through the whole pipeline in one process and print a summary."""
+    from pipeline.demo import print_summary, run_demo
+    from pipeline.observability.logging import configure_logging
+
+    configure_logging("console", "WARNING")
+    summary = run_demo(ports, database.resolve())
+    print_summary(summary)
+    raise typer.Exit(0 if summary["results"] >= ports else 1)
+
+
+@replay_app.command("results")
+def replay_results(host: Annotated[str, typer.Option(help="compute host")],
+                   since: Annotated[int, typer.Option(help="only results after this seq")] = 0) -> None:
+    """Re-publish a host's current bindings (its latest result per port) to host.<host>."""
+    from pipeline.workers.republish import replay_results as replay
+
+    settings = _settings()
+    count = replay(_engine(settings), _publisher(settings), host, since)
+    typer.echo(f"re-published {count} results to host.{host}")
+
+
+@replay_app.command("events")
+def replay_events(first: Annotated[int, typer.Option("--from", help="first event-log seq")] = 1,
+                  last: Annotated[int | None, typer.Option("--to", help="last event-log seq")] = None) -> None:
+    """Feed stored events through the stages again (idempotent: finished work is not redone)."""
+    from pipeline.workers.republish import replay_events as replay
+
+    settings = _settings()
+    count = replay(_engine(settings), _publisher(settings), first, last)
+    typer.echo(f"re-published {count} events to binding.events")
+
+
+@app.command()
+def watch(host: Annotated[str, typer.Option(help="compute host whose results to consume")],
+          as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+          timeout: Annotated[float | None, typer.Option(help="exit after this many idle seconds")] = None) -> None:
+    """Consume a compute host's results (its durable queue) and print one line each."""
+    import json
+
+    from pipeline.client import BindingClient
+    from pipeline.models.binding import BindingResult
+
+    settings = _settings()
+    with BindingClient(settings=settings) as client:
+        for body in client.watch(host, timeout=timeout):
+            if as_json:
+                typer.echo(json.dumps(body, sort_keys=True))
+                continue
+            result = BindingResult.model_validate(body)
+            device = f" pci={result.pci_device.address}" if result.pci_device else ""
+            why = f" reason={result.reason!r}" if result.reason else ""
+            typer.echo(f"seq={result.seq} port={result.port_id} {result.outcome} vif_type={result.vif_type}"
+                       f"{device}{why}")
+
+
+@app.command()
+def schema(out: Annotated[Path | None, typer.Option(help="write one <name>.schema.json per model here")] = None) -> None:
+    """JSON Schemas of the bus contract (the envelope, each payload, the result), from the models."""
+    import json
+
+    from pipeline.models.contract import contract_schemas
+
+    schemas = contract_schemas()
+    if out is None:
+        typer.echo(json.dumps(schemas, indent=2, sort_keys=True))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name, document in schemas.items():
+        (out / f"{name}.schema.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {len(schemas)} schemas to {out}")
+
+
+@app.command("metrics-server")
+def metrics_server(port: Annotated[int, typer.Option(help="TCP port for /metrics")] = 9464,
+                   addr: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0") -> None:
+    """Serve every worker's metrics (Prometheus multiprocess directory) on one /metrics endpoint."""
+    from pipeline.observability.metrics import serve
+
+    _settings()
+    serve(port, addr)

@@ -29,6 +29,7 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: safe against a crash of the process
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
@@ -53,7 +54,7 @@ def run_transaction(engine: Engine, work: Callable[[Session], T], max_seconds: f
     """Run ``work(session)`` in one transaction, retrying the whole of it on transient errors."""
 
     @retry(retry=retry_if_exception(is_transient), stop=stop_after_delay(max_seconds),
-           wait=wait_exponential_jitter(initial=0.05, max=2.0), reraise=True,
+           wait=wait_exponential_jitter(multiplier=0.05, max=2.0), reraise=True,
            before_sleep=lambda state: log.warning("transaction retry", attempt=state.attempt_number,
                                                   error=str(state.outcome.exception())[:200]))
     def attempt() -> T:

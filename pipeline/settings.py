@@ -6,7 +6,8 @@ file (the embedded default); production points ``BINDPIPE_BROKER_URL`` at Rabbit
 """
 
 import os
-from typing import Literal
+import ssl
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -19,7 +20,7 @@ CONFIG_FILE_ENV = "BINDPIPE_CONFIG_FILE"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BINDPIPE_", env_nested_delimiter="__", extra="forbid")
 
-    broker_url: str = "memory://"
+    broker_url: str = "memory://localhost/"
     database_url: str = "sqlite:///bindpipe.sqlite"
     mechanism_drivers: tuple[str, ...] = ("openvswitch", "ovn", "sriovnicswitch", "macvtap", "l2population")
     ml2: DriverConfig = Field(default_factory=DriverConfig)
@@ -34,11 +35,28 @@ class Settings(BaseSettings):
     heartbeat: int = Field(30, ge=0, description="AMQP heartbeat in seconds")
     signing_keys: dict[str, SecretStr] = Field(default_factory=dict)
     require_signatures: bool = False
+    declare_topology: bool = Field(True, description="declare exchanges and queues at start; false for a "
+                                   "least-privilege broker user (the definitions file declares them)")
+    broker_tls: bool = False
+    broker_ca_file: str | None = None
+    broker_cert_file: str | None = None
+    broker_key_file: str | None = None
     metrics_dir: str | None = None
     log_format: Literal["json", "console"] = "console"
 
     def driver_config(self) -> DriverConfig:
         return self.ml2.model_copy(update={"mechanism_drivers": tuple(self.mechanism_drivers)})
+
+    def broker_ssl_options(self) -> dict[str, Any] | bool:
+        """kombu's ``ssl=`` for the broker: False, or verified TLS with the configured files."""
+        if not self.broker_tls:
+            return False
+        options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED}
+        if self.broker_ca_file:
+            options["ca_certs"] = self.broker_ca_file
+        if self.broker_cert_file:
+            options["certfile"], options["keyfile"] = self.broker_cert_file, self.broker_key_file
+        return options
 
     @property
     def embedded(self) -> bool:

@@ -41,3 +41,21 @@ def scenario(drivers: list[str], *, segments: list[dict] | None = None, agents: 
             "network": {"id": "net-1", "segments": segments if segments is not None else [VLAN_SEGMENT],
                         **extra.pop("network", {})},
             "agents": agents if agents is not None else [], "port": port, **extra}
+
+
+def sriov_binding(port_id: str, vnic_type: str = "direct", host: str = "compute-1", profile: Any = None):  # noqa: ANN201
+    """Stages 1 and 2 run for real on ``scenario()``'s vlan/physnet1 network with the SR-IOV agent:
+    the ``(ValidatedRequest, SelectionOutcome, Network)`` that the allocation stage takes."""
+    from pipeline.models.binding import DriverConfig, RequestContext
+    from pipeline.models.scenario import Scenario
+    from pipeline.stages.selection import manager_for
+    from pipeline.stages.validation import validate_request
+
+    raw = scenario(["sriovnicswitch"], agents=[agent(SRIOV_AGENT, host=host)], vnic_type=vnic_type,
+                   profile=profile, host=host, port={"id": port_id})
+    parsed = Scenario.model_validate(raw)
+    config = DriverConfig(mechanism_drivers=tuple(parsed.mechanism_drivers))
+    request = validate_request(parsed.port, config, RequestContext.service())
+    selection = manager_for(config).bind_port(request, parsed.network, parsed.agents, None)
+    assert selection.bound, f"{vnic_type} port {port_id} did not bind: {selection.declines}"
+    return request, selection, parsed.network

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -78,3 +79,58 @@ def require_rabbitmq() -> str:
 def require_postgres() -> str:
     """The database URL (SQLAlchemy ``postgresql+psycopg`` form) after checking a query works; else skip or fail."""
     return _require(DATABASE_URL_ENV, DEFAULT_DATABASE_URL, _postgres_problem)
+
+
+def _conninfo(url: str) -> str:
+    return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
+
+
+def fresh_database(tag: str) -> tuple[str, Callable[[], None]]:
+    """Create database ``bindpipe_<tag>`` beside the configured one: its URL and a drop function."""
+    import psycopg
+
+    base = require_postgres()
+    name = f"bindpipe_{tag}"
+    with psycopg.connect(_conninfo(base), autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(_conninfo(base), autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return _replace_db(base, name), drop
+
+
+def _replace_db(url: str, name: str) -> str:
+    """``url`` with its path (database or vhost) replaced by ``name``."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path="/" + quote(name, safe="")))
+
+
+def fresh_vhost(tag: str) -> tuple[str, Callable[[], None]]:
+    """Create vhost ``bindpipe-<tag>`` (guest gets all rights): its broker URL and a delete function.
+
+    Uses ``rabbitmqctl`` (root or the rabbitmq user), as the broker's AMQP side cannot make vhosts.
+    """
+    import shutil
+    import subprocess
+
+    base = require_rabbitmq()
+    if shutil.which("rabbitmqctl") is None:
+        unavailable("rabbitmqctl is not installed; it is needed to create a test vhost")
+    vhost = f"bindpipe-{tag}"
+
+    def ctl(*args: str) -> None:
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            unavailable(f"rabbitmqctl {args[0]} failed: {done.stderr.strip()[:300]}")
+
+    ctl("add_vhost", vhost)
+    user = re.match(r"amqp://([^:@/]*)", base)
+    ctl("set_permissions", "-p", vhost, user.group(1) if user else "guest", ".*", ".*", ".*")
+
+    def delete() -> None:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=120)
+
+    return _replace_db(base, vhost), delete

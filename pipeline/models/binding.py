@@ -5,6 +5,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.models import vocabulary as v
+from pipeline.models.reasons import primary_decline
 from pipeline.models.topology import Segment
 
 
@@ -133,3 +134,14 @@ class BindingResult(BaseModel):
         if self.bound:
             return "bound"
         return "failed" if self.vif_type == v.VIF_TYPE_BINDING_FAILED else "unbound"
+
+    @property
+    def reason(self) -> str:
+        """Why the port is not bound, in one line ("" when it is): the error, else the decline that
+        explains it best (see ``pipeline.models.reasons``)."""
+        if self.error:
+            return self.error
+        if self.bound or self.vif_type == v.VIF_TYPE_UNBOUND:
+            return ""
+        decline = primary_decline(self.explanation)
+        return f"{decline.driver}: {decline.reason}" if decline else "no mechanism driver could bind the port"

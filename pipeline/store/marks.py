@@ -44,8 +44,8 @@ def newest_event_seq(session: Session) -> int:
     return session.scalar(select(func.coalesce(func.max(EventLog.seq), 0)))
 
 
-def events_between(session: Session, first: int, last: int | None) -> list[EventLog]:
-    query = select(EventLog).where(EventLog.seq >= first).order_by(EventLog.seq)
+def events_between(session: Session, first: int, last: int | None, limit: int | None = None) -> list[EventLog]:
+    query = select(EventLog).where(EventLog.seq >= first).order_by(EventLog.seq).limit(limit)
     if last is not None:
         query = query.where(EventLog.seq <= last)
     return list(session.scalars(query))

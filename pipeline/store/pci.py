@@ -7,6 +7,8 @@ index and the PF/VF exclusion constraint make double allocation impossible even 
 """
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from pipeline.models import vocabulary as v
@@ -51,20 +53,30 @@ def write_back(session: Session, host: str, tracker: PciTracker, rows: dict[str,
     session.flush()
 
 
+def lock_inventory_row(session: Session, host: str) -> HostInventoryRow:
+    """The host's inventory row, locked; inserted empty first when missing (``ON CONFLICT DO NOTHING``),
+    so that two first inventories of a host queue on the lock instead of one failing on the key."""
+    insert = {"postgresql": pg_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
+    session.execute(insert(HostInventoryRow).values(host=host, inventory={}).on_conflict_do_nothing())
+    return session.get(HostInventoryRow, host, with_for_update=True)
+
+
 def store_inventory(session: Session, payload) -> None:  # noqa: ANN001 - PciInventoryPayload
     """Replace a host's inventory. Devices in use keep their state; a vanished device still in use
     stays tracked until it is freed (Nova's ``to_be_removed_when_freed``)."""
     host = payload.host
     inventory = HostPciInventory.model_validate(payload.model_dump(exclude={"host"}))
-    old_row = session.get(HostInventoryRow, host, with_for_update=True)
+    old_row = lock_inventory_row(session, host)
     rows = lock_host_devices(session, host)
-    if old_row is not None:
+    if old_row.inventory:
         present = {d.address for d in inventory.devices}
         old = HostPciInventory.model_validate(old_row.inventory)
         kept = [d for d in old.devices if d.address not in present and rows.get(d.address)
                 and rows[d.address].owner_port_id]
         inventory = inventory.model_copy(update={"devices": [*inventory.devices, *kept]})
-    tracker = PciTracker.from_snapshot(inventory, {a: r.status for a, r in rows.items()},
+    tracked = PciTracker.from_inventory(inventory).tracked()  # a free device no longer tracked is dropped
+    tracker = PciTracker.from_snapshot(inventory, {a: r.status for a, r in rows.items()
+                                                   if a in tracked or r.owner_port_id},
                                        {a: r.owner_port_id for a, r in rows.items() if r.owner_port_id})
     devices = {d.address: d for d in inventory.devices}
     snapshot = tracker.snapshot()
@@ -82,9 +94,6 @@ def store_inventory(session: Session, payload) -> None:  # noqa: ANN001 - PciInv
         row.inventory = device.model_dump(mode="json")
         row.status, row.owner_port_id = status, owner
         session.add(row)
-    if old_row is None:
-        old_row = HostInventoryRow(host=host, inventory={})
-        session.add(old_row)
     old_row.inventory = inventory.model_dump(mode="json")
 
 

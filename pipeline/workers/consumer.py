@@ -2,29 +2,38 @@
 
 Deliveries are buffered until ``batch_size`` have arrived or the oldest has waited
 ``batch_wait_ms``; the batch is handled in one database transaction, its hand-offs are published
-with publisher confirms, and only then are its deliveries acked. A message that cannot be decoded
-is dead-lettered on its first delivery. If a batch fails, its messages are retried one by one, so
-one bad message never takes its neighbours down with it.
+with one wait for the broker's confirms, and only then are its deliveries acked (together). A
+message that cannot be decoded is dead-lettered on its first delivery. If a batch fails, its
+messages are retried one by one, so one bad message never takes its neighbours down with it.
 """
 
 import signal
+import socket
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from kombu import Connection, Consumer, Message, Producer
+from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerProducerMixin
 from sqlalchemy import Engine, update
 
 from pipeline.db import is_transient, run_transaction
+from pipeline.models.binding import BindingResult
+from pipeline.models.reasons import failure_reason_category, primary_decline
 from pipeline.models.tables import DeadLetter, ResultRow
+from pipeline.observability import metrics
 from pipeline.settings import Settings
+from pipeline.workers.gauges import refresh_gauges
 from pipeline.workers.handlers import HANDLERS, PoisonMessage, Publish, StageHandler
-from pipeline.workers.topology import RESULTS, declare_topology, stage_queue
+from pipeline.workers.publisher import BatchPublisher, connect_with_retry
+from pipeline.workers.topology import RESULTS, check_topology, declare_topology, stage_queue
 
 log = structlog.get_logger(__name__)
+GAUGE_INTERVAL = 5.0  # seconds between refreshes of the database-derived gauges
 
 
 @dataclass
@@ -45,39 +54,95 @@ class Worker(ConsumerProducerMixin):
     def __init__(self, settings: Settings, engine: Engine, stages: list[str], connection: Connection | None = None):
         self.settings = settings
         self.engine = engine
-        self.connection = connection or Connection(
-            settings.broker_url, heartbeat=settings.heartbeat,
-            transport_options={"confirm_publish": True, "polling_interval": 0.001})
+        self.connection = connection or Connection(settings.broker_url, heartbeat=settings.heartbeat,
+                                                   transport_options={"polling_interval": 0.001},
+                                                   ssl=settings.broker_ssl_options())
         self.buffers = {stage: StageBuffer(HANDLERS[stage](settings)) for stage in stages}
         self.stopping = False
         self.handled = 0
+        self._publisher: BatchPublisher | None = None
+        self._gauges_at = 0.0
+        self.periodic: list[Callable[[], None]] = []  # run on every loop turn (the relay in `bindpipe run`)
 
     # --- kombu mixin hooks ---
+    @contextmanager
+    def establish_connection(self):  # noqa: ANN201 - the mixin's context manager
+        with self.create_connection() as conn:
+            connect_with_retry(conn)
+            yield conn
+
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
-        declare_topology(self.connection, self.settings)
-        return [consumer_cls(queues=[stage_queue(stage, self.settings)], on_message=buffer.add,
+        for buffer in self.buffers.values():
+            buffer.messages = []  # deliveries of a lost connection come back by themselves
+        queues = [stage_queue(stage, self.settings, no_declare=True) for stage in self.buffers]
+        if self.settings.declare_topology:
+            declare_topology(self.connection, self.settings)
+        else:
+            check_topology(channel, queues)
+        return [consumer_cls(queues=[queue], on_message=buffer.add,
                              prefetch_count=self.settings.prefetch, no_ack=False)
-                for stage, buffer in self.buffers.items()]
+                for queue, buffer in zip(queues, self.buffers.values(), strict=True)]
+
+    def consume(self, limit: int | None = None, timeout: float | None = None, safety_interval: float = 1,
+                **kwargs: Any) -> Any:
+        """The mixin's loop, but greedy: after the first delivery, every delivery already waiting
+        (up to a batch) is taken before the batches are looked at, so batches fill up under load."""
+        with self.consumer_context(**kwargs) as (conn, _channel, _consumers):
+            while not self.should_stop:
+                self.on_iteration()
+                try:
+                    conn.drain_events(timeout=safety_interval)
+                    while self.buffered() < self.settings.batch_size:
+                        conn.drain_events(timeout=0)
+                except socket.timeout:
+                    conn.heartbeat_check()
+                yield
+
+    def buffered(self) -> int:
+        return max(len(b.messages) for b in self.buffers.values())
 
     def on_iteration(self) -> None:
         now = time.monotonic()
         wait = self.settings.batch_wait_ms / 1000
-        for buffer in self.buffers.values():
+        for stage, buffer in self.buffers.items():
+            metrics.touch_loop(stage)
             if buffer.messages and (self.stopping or len(buffer.messages) >= self.settings.batch_size
                                     or now - buffer.first_at >= wait):
                 self.flush(buffer)
+        for task in self.periodic:
+            task()
+        if now - self._gauges_at >= GAUGE_INTERVAL:
+            self._gauges_at = now
+            refresh_gauges(self.engine, list(self.buffers))
         if self.stopping:
             self.should_stop = True
+
+    def on_consume_end(self, connection: Connection, channel: Any) -> None:
+        self.drop_publisher()
+        super().on_consume_end(connection, channel)
 
     # --- running ---
     def run_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        log.info("worker started", stages=list(self.buffers), broker=self.connection.as_uri())
         self.run(safety_interval=max(self.settings.batch_wait_ms / 1000, 0.001))
+        log.info("worker stopped", handled=self.handled)
 
     def request_stop(self, *_: Any) -> None:
         """Finish the batches in hand, ack them, then leave (prefetched ones go back to the queue)."""
         self.stopping = True
+
+    @property
+    def publisher(self) -> BatchPublisher:
+        if self._publisher is None or self._publisher.connection is not self.producer_connection:
+            self._publisher = BatchPublisher(self.producer_connection)
+        return self._publisher
+
+    def drop_publisher(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
 
     # --- one batch ---
     def flush(self, buffer: StageBuffer) -> None:
@@ -93,6 +158,8 @@ class Worker(ConsumerProducerMixin):
             return
         try:
             self.commit_and_publish(handler, decoded)
+        except self.connection.connection_errors:
+            raise  # the mixin reconnects; unacked deliveries come back
         except Exception as exc:  # noqa: BLE001 - isolate the culprit below
             if len(decoded) == 1:
                 self.fail_one(handler, decoded[0][0], exc)
@@ -102,31 +169,47 @@ class Worker(ConsumerProducerMixin):
             for pair in decoded:
                 try:
                     self.commit_and_publish(handler, [pair])
+                except self.connection.connection_errors:
+                    raise
                 except Exception as single_exc:  # noqa: BLE001
                     self.fail_one(handler, pair[0], single_exc)
 
     def commit_and_publish(self, handler: StageHandler, decoded: list[tuple[Message, Any]]) -> None:
+        started = time.perf_counter()
         outputs = run_transaction(self.engine, lambda session: handler.handle(session, [d for _, d in decoded]))
         self.publish(outputs)
         for message, _ in decoded:
             message.ack()
         self.handled += len(decoded)
+        self.observe(handler, len(decoded), time.perf_counter() - started, outputs)
 
     def publish(self, outputs: list[Publish]) -> None:
-        producer: Producer = self.producer
+        try:
+            self.publisher.publish((out.exchange, out.routing_key, out.body) for out in outputs)
+        except Exception:
+            self.drop_publisher()  # its channel may be unusable; the next batch opens a fresh one
+            raise
+        mark_published(self.engine, [out.body["seq"] for out in outputs if out.exchange == RESULTS.name])
+
+    def observe(self, handler: StageHandler, size: int, seconds: float, outputs: list[Publish]) -> None:
+        stage = handler.stage
+        metrics.BATCH_SIZE.labels(stage=stage).observe(size)
+        for _ in range(size):
+            metrics.STAGE_DURATION.labels(stage=stage).observe(seconds / size)
+        metrics.STAGE_MESSAGES.labels(stage=stage, outcome="ok").inc(size - handler.duplicates)
+        if handler.duplicates:
+            metrics.STAGE_MESSAGES.labels(stage=stage, outcome="duplicate").inc(handler.duplicates)
+        now = datetime.now(UTC)
         for out in outputs:
-            producer.publish(out.body, exchange=out.exchange, routing_key=out.routing_key, serializer="json",
-                             delivery_mode=2, retry=True, retry_policy={"max_retries": 5, "interval_max": 2})
-        seqs = [out.body["seq"] for out in outputs if out.exchange == RESULTS.name]
-        if seqs:
-            run_transaction(self.engine, lambda s: s.execute(
-                update(ResultRow).where(ResultRow.seq.in_(seqs)).values(published_at=datetime.now(UTC))))
+            if out.exchange == RESULTS.name:
+                report_result(BindingResult.model_validate(out.body), out.occurred_at, now)
 
     def fail_one(self, handler: StageHandler, message: Message, exc: Exception) -> None:
         if isinstance(exc, PoisonMessage):
             self.dead_letter(handler.stage, message, exc)
         elif is_transient(exc):
             log.warning("transient failure, message requeued", stage=handler.stage, error=str(exc)[:200])
+            metrics.STAGE_MESSAGES.labels(stage=handler.stage, outcome="retried").inc()
             message.requeue()
         else:
             log.exception("handler failed", stage=handler.stage)
@@ -138,5 +221,34 @@ class Worker(ConsumerProducerMixin):
         row = DeadLetter(stage=stage, reason=f"{poison.category}: {poison.reason}", event_id=poison.event_id,
                          port_id=poison.port_id, body=body.decode("utf-8", errors="replace")[:65536])
         run_transaction(self.engine, lambda session: session.add(row))
-        log.warning("dead-lettered", stage=stage, reason=row.reason, event_id=poison.event_id)
+        log.warning("dead-lettered", stage=stage, reason=row.reason, event_id=poison.event_id,
+                    port_id=poison.port_id)
+        metrics.DEAD_LETTERS.labels(stage=stage, reason=metrics.bounded(poison.category,
+                                                                        metrics.DEAD_LETTER_REASONS)).inc()
+        metrics.STAGE_MESSAGES.labels(stage=stage, outcome="dead_lettered").inc()
         message.reject(requeue=False)
+
+
+def mark_published(engine: Engine, seqs: list[int]) -> None:
+    """The outbox side of a confirmed publish: these results need no relay."""
+    if seqs:
+        run_transaction(engine, lambda s: s.execute(
+            update(ResultRow).where(ResultRow.seq.in_(seqs)).values(published_at=datetime.now(UTC))))
+
+
+def reason_category(result: BindingResult) -> str:
+    decline = primary_decline(result.explanation)
+    return failure_reason_category(result.error or (decline.reason if decline else ""))
+
+
+def report_result(result: BindingResult, occurred_at: datetime | None, now: datetime) -> None:
+    """One INFO line and the outcome metrics for a published binding result."""
+    outcome = result.outcome
+    reason = result.reason
+    log.info("binding outcome", port_id=result.port_id, host=result.host, event_id=result.event_id,
+             outcome=outcome, vif_type=result.vif_type, reason=reason or None, seq=result.seq)
+    metrics.BINDINGS.labels(vif_type=result.vif_type or "none", outcome=outcome).inc()
+    if outcome in ("failed", "error"):
+        metrics.BINDING_FAILURES.labels(reason=reason_category(result)).inc()
+    if occurred_at is not None:
+        metrics.END_TO_END_LATENCY.observe(max((now - occurred_at).total_seconds(), 0.0))

@@ -7,7 +7,8 @@ changes nothing.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,6 +22,7 @@ from pipeline.models.events import PAYLOAD_MODELS, Envelope
 from pipeline.models.jobs import BindingJob
 from pipeline.models.tables import BindingRow, PortRow, ResultRow
 from pipeline.models.topology import Port
+from pipeline.observability.logging import bind_event_context
 from pipeline.settings import Settings
 from pipeline.stages.composition import compose_result
 from pipeline.stages.errors import BindingRequestError
@@ -45,6 +47,7 @@ class Publish:
     exchange: str
     routing_key: str
     body: dict[str, Any]
+    occurred_at: datetime | None = field(default=None, compare=False)  # of the event, for the latency metric
 
     def as_json(self) -> dict[str, Any]:
         return {"exchange": self.exchange, "routing_key": self.routing_key, "body": self.body}
@@ -109,20 +112,26 @@ class StageHandler:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.driver_config: DriverConfig = settings.driver_config()
+        self.duplicates = 0
 
     def decode(self, body: bytes) -> Any:
         return decode_job(body, self.settings.max_body_bytes)
 
     def handle(self, session: Session, items: list[Any]) -> list[Publish]:
+        """Handle a batch; ``self.duplicates`` counts the items that were handled before."""
         out: list[Publish] = []
         seen: set[str] = set()
+        self.duplicates = 0
         for item in items:
             key = self.key(item)
+            bind_event_context(stage=self.stage, **self.log_context(item))
             if key in seen:
+                self.duplicates += 1
                 continue  # a copy within this batch: the first one's output is being published now
             seen.add(key)
             previous = stored_output(session, key, self.stage)
             if previous is not None:
+                self.duplicates += 1
                 out += self.redelivered(session, previous)
                 continue
             produced = self.handle_one(session, item)
@@ -132,6 +141,10 @@ class StageHandler:
 
     def key(self, item: Any) -> str:
         return item.job_id
+
+    def log_context(self, item: Any) -> dict[str, Any]:
+        host = item.port.host if item.port is not None else item.old_host
+        return {"event_id": item.event_id, "port_id": item.port_id, "host": host}
 
     def redelivered(self, session: Session, previous: list[dict[str, Any]]) -> list[Publish]:
         return [Publish.from_json(p) for p in previous]
@@ -150,6 +163,9 @@ class ValidateHandler(StageHandler):
 
     def key(self, item: Envelope) -> str:
         return str(item.event_id)
+
+    def log_context(self, item: Envelope) -> dict[str, Any]:
+        return {"event_id": str(item.event_id), "event_type": item.event_type}
 
     def handle_one(self, session: Session, env: Envelope) -> list[Publish]:
         if record_event(session, env) is None:
@@ -205,7 +221,7 @@ class ValidateHandler(StageHandler):
         row.revision += 1
         original = ({"host": binding.host, "profile": binding.profile, "vif_details": binding.vif_details}
                     if binding else None)
-        job = self.job(env, row, "bind", port=port, old_host=old_host if old_host != port.host else None,
+        job = self.job(env, row, "bind", port=port, old_host=old_host if old_host and old_host != port.host else None,
                        original=original)
         try:
             request = validate_request(port, self.driver_config, env.context, stored_profile=old_profile)
@@ -304,7 +320,7 @@ class ComposeHandler(PortLockingHandler):
         out = []
         for result in results:
             result.event_id = job.event_id
-            out.append(self.add_result(session, result))
+            out.append(self.add_result(session, result, job.occurred_at))
         return out
 
     def compose(self, job: BindingJob) -> BindingResult:
@@ -328,13 +344,13 @@ class ComposeHandler(PortLockingHandler):
         if result.dynamic_segments:
             topo.save_dynamic_segments(session, job.port.network_id, result.dynamic_segments)
 
-    def add_result(self, session: Session, result: BindingResult) -> Publish:
+    def add_result(self, session: Session, result: BindingResult, occurred_at: datetime | None = None) -> Publish:
         row = ResultRow(event_id=result.event_id, port_id=result.port_id, host=result.host or "", body={})
         session.add(row)
         session.flush()
         result.seq = row.seq
         row.body = result.model_dump(mode="json")
-        return Publish(RESULTS.name, host_routing_key(row.host), row.body)
+        return Publish(RESULTS.name, host_routing_key(row.host), row.body, occurred_at)
 
 
 HANDLERS: dict[str, type[StageHandler]] = {

@@ -25,12 +25,11 @@ def queue_arguments(settings: Settings, stage: str | None = None) -> dict[str, o
     return args
 
 
-def stage_queue(stage: str, settings: Settings) -> Queue:
-    """``binding.validate`` takes every event; the later stages take their hand-offs."""
-    if stage == "validate":
-        return Queue("binding.validate", EVENTS, routing_key="#", durable=True,
-                     queue_arguments=queue_arguments(settings, stage))
-    return Queue(f"binding.{stage}", STAGE_EXCHANGE, routing_key=stage, durable=True,
+def stage_queue(stage: str, settings: Settings, no_declare: bool = False) -> Queue:
+    """``binding.validate`` takes every event; the later stages take their hand-offs.
+    ``no_declare``: consume without declaring (the topology is declared once, elsewhere)."""
+    exchange, routing_key = (EVENTS, "#") if stage == "validate" else (STAGE_EXCHANGE, stage)
+    return Queue(f"binding.{stage}", exchange, routing_key=routing_key, durable=True, no_declare=no_declare,
                  queue_arguments=queue_arguments(settings, stage))
 
 
@@ -56,3 +55,13 @@ def declare_topology(connection: Connection, settings: Settings) -> None:
     for stage in STAGES:
         stage_queue(stage, settings)(channel).declare()
         dead_letter_queue(stage, settings)(channel).declare()
+
+
+def check_topology(channel, queues: list[Queue]) -> None:  # noqa: ANN001 - a kombu channel
+    """Passive declares: succeed without configure permission, fail clearly if a queue is missing."""
+    for queue in queues:
+        try:
+            queue(channel).queue_declare(passive=True)
+        except channel.connection.client.channel_errors as exc:
+            raise RuntimeError(f"queue {queue.name} does not exist on the broker ({exc}); apply "
+                               "deploy/rabbitmq/definitions.json or run `bindpipe declare` as an admin") from None

@@ -1,0 +1,122 @@
+"""``bindpipe demo``: the whole pipeline in one process on the embedded default.
+
+Loads the sample topology shipped with the package (OVS, SR-IOV and OVN hosts with a PCI
+inventory), publishes it and a few hundred ports as events on kombu's in-memory transport, runs
+all four stages, and prints what came out of it.
+"""
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from pipeline.client import BindingClient
+from pipeline.db import create_schema, make_engine
+from pipeline.models.binding import BindingResult
+from pipeline.models.events import Envelope
+from pipeline.models.tables import ResultRow
+from pipeline.settings import Settings
+from pipeline.workers.consumer import Worker, reason_category
+from pipeline.workers.topology import STAGES, declare_topology
+
+PORT_NAMESPACE = uuid.UUID("6f1c1d2e-7b7a-4c59-9a55-3f0d2a1b9e10")
+
+
+def load_topology() -> dict[str, Any]:
+    return json.loads(resources.files("pipeline").joinpath("data", "demo_topology.json").read_text())
+
+
+def demo_events(topology: dict[str, Any], ports: int, client: BindingClient) -> list[Envelope]:
+    """Networks, agents and inventories first, then ``ports`` port.create events spread over the
+    topology's port mix (deterministic: the same ports every run)."""
+    events = [client.envelope("network.upsert", n) for n in topology["networks"]]
+    events += [client.envelope("agent.report", a) for a in topology["agents"]]
+    events += [client.envelope("pci.inventory", inv) for inv in topology["pci_inventories"]]
+    mix = topology["port_mix"]
+    counts = [round(kind["share"] * ports) for kind in mix]
+    counts[0] += ports - sum(counts)
+    number = 0
+    for kind, count in zip(mix, counts, strict=True):
+        for i in range(count):
+            number += 1
+            port = {"id": str(uuid.uuid5(PORT_NAMESPACE, str(number))), "network_id": kind["network_id"],
+                    "host": kind["hosts"][i % len(kind["hosts"])], "vnic_type": kind["vnic_type"],
+                    "fixed_ips": [{"subnet_id": "demo-subnet", "ip_address": f"10.{number // 250}.{number % 250}.10"}]}
+            events.append(client.envelope("port.create", port))
+    return events
+
+
+def run_demo(ports: int, database: Path) -> dict[str, Any]:
+    """Run the demo; the summary (also what ``print_summary`` shows)."""
+    database.unlink(missing_ok=True)
+    settings = Settings(broker_url="memory://localhost/", database_url=f"sqlite:///{database}", queue_type="classic")
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    worker = Worker(settings, engine, list(STAGES))
+    thread = threading.Thread(target=lambda: worker.run(safety_interval=0.002), daemon=True)
+    with BindingClient(settings=settings) as client:
+        declare_topology(client.connection, settings)  # before publishing: no queue, no delivery
+        events = demo_events(load_topology(), ports, client)
+        started = time.perf_counter()
+        thread.start()
+        client.publish_envelopes(events)
+        published = wait_for_results(engine, ports, timeout=120)
+        elapsed = time.perf_counter() - started
+    worker.should_stop = True
+    thread.join(10)
+    return summarize(engine, len(events), published, elapsed, database)
+
+
+def wait_for_results(engine: Engine, expected: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    count = 0
+    while time.monotonic() < deadline:
+        with Session(engine) as session:
+            count = session.scalar(select(func.count()).select_from(ResultRow)
+                                   .where(ResultRow.published_at.is_not(None))) or 0
+        if count >= expected:
+            break
+        time.sleep(0.05)
+    return count
+
+
+def summarize(engine: Engine, events: int, published: int, elapsed: float, database: Path) -> dict[str, Any]:
+    with Session(engine) as session:
+        results = [BindingResult.model_validate(body) for body in session.scalars(select(ResultRow.body))]
+    bound = Counter(r.vif_type for r in results if r.bound)
+    failed = [r for r in results if not r.bound]
+    failures = Counter(reason_category(r) for r in failed)
+    examples = {reason_category(r): r for r in reversed(failed)}
+    return {"events": events, "results": published, "seconds": round(elapsed, 3),
+            "bound_by_vif_type": dict(bound.most_common()), "failures_by_reason": {
+                category: {"ports": count, "example": examples[category].reason,
+                           "example_port": examples[category].port_id}
+                for category, count in failures.most_common()},
+            "database": str(database)}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    failures = summary["failures_by_reason"]
+    total = sum(summary["bound_by_vif_type"].values()) + sum(f["ports"] for f in failures.values())
+    rate = summary["events"] / summary["seconds"] if summary["seconds"] else 0.0
+    print(f"{summary['events']} events -> {summary['results']} binding results in {summary['seconds']:.2f} s "
+          f"({rate:.0f} events/s; one process, in-memory broker, SQLite)\n")
+    print(f"{'bound, by vif_type':<28}{'ports':>6}")
+    for vif_type, count in summary["bound_by_vif_type"].items():
+        print(f"  {vif_type:<26}{count:>6}")
+    print(f"{'total':<28}{total:>6}\n")
+    print(f"{'not bound, by reason':<28}{'ports':>6}  example")
+    for category, failure in failures.items():
+        print(f"  {category:<26}{failure['ports']:>6}  {failure['example'][:110]}")
+    url = f"sqlite:///{summary['database']}"
+    for category, failure in failures.items():
+        print(f"\nWhy did port {failure['example_port']} fail ({category})?\n"
+              f"  BINDPIPE_DATABASE_URL={url} bindpipe explain {failure['example_port']}")
+        break

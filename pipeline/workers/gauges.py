@@ -1,0 +1,44 @@
+"""Gauges derived from the database: PCI devices per pool and state, and the event-log lag.
+
+Refreshed every few seconds by the workers that change them (not per message): each is one
+grouped query. Every state is set, 0 included, so a pool that runs dry shows as 0, not as absent.
+"""
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from pipeline.models.tables import EventLog, PciDeviceRow, ResultRow
+from pipeline.observability import metrics
+from pipeline.store.marks import newest_event_seq
+
+
+def refresh_gauges(engine: Engine, stages: list[str]) -> None:
+    with Session(engine) as session:
+        if {"validate", "allocate"} & set(stages):
+            refresh_pci_devices(session)
+        if "compose" in stages:
+            refresh_event_log_lag(session)
+
+
+def refresh_pci_devices(session: Session) -> None:
+    rows = session.execute(
+        select(PciDeviceRow.host, PciDeviceRow.physical_network, PciDeviceRow.vendor_id, PciDeviceRow.product_id,
+               PciDeviceRow.status, func.count())
+        .group_by(PciDeviceRow.host, PciDeviceRow.physical_network, PciDeviceRow.vendor_id,
+                  PciDeviceRow.product_id, PciDeviceRow.status)).all()
+    counts: dict[tuple[str, str, str], dict[str, int]] = {}
+    for host, physnet, vendor, product, status, count in rows:
+        pool = counts.setdefault((host, physnet or "", f"{vendor}:{product}"), dict.fromkeys(metrics.PCI_STATES, 0))
+        pool[metrics.bounded(status, metrics.PCI_STATES)] += count
+    for (host, physnet, vendor_product), states in counts.items():
+        for state, count in states.items():
+            metrics.PCI_DEVICES.labels(host=host, physical_network=physnet, vendor_product=vendor_product,
+                                       state=state).set(count)
+
+
+def refresh_event_log_lag(session: Session) -> None:
+    """Newest logged event minus the newest event that has produced a result."""
+    newest = newest_event_seq(session)
+    last_result_event = session.scalar(select(ResultRow.event_id).order_by(ResultRow.seq.desc()).limit(1))
+    done = session.scalar(select(EventLog.seq).where(EventLog.event_id == last_result_event)) if last_result_event else 0
+    metrics.EVENT_LOG_LAG.labels(stage="compose").set(max(newest - (done or 0), 0))

@@ -1,0 +1,96 @@
+"""Publishing again from the database: the outbox relay and the two replays.
+
+* ``relay_once``: results committed but never confirmed as published (a worker died between its
+  commit and its publish) are published now. A result may so reach a host twice, always with the
+  same body and ``seq``: compute hosts drop a ``seq`` they have seen.
+* ``replay_results``: a host's current bindings, e.g. for a compute host that lost its state.
+* ``replay_events``: stored envelopes back onto ``binding.events``. Every stage recognises the
+  event by its mark, so a finished event changes nothing and publishes nothing new, and an event
+  that stopped part-way (a dead-lettered hand-off) is carried through the remaining stages.
+"""
+
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from pipeline.models.tables import ResultRow
+from pipeline.store.marks import events_between
+from pipeline.workers.consumer import mark_published
+from pipeline.workers.publisher import BatchPublisher
+from pipeline.workers.topology import EVENTS, RESULTS, host_routing_key
+
+log = structlog.get_logger(__name__)
+REPLAY_HEADER = {"x-bindpipe-replay": True}
+
+
+def relay_once(engine: Engine, publisher: BatchPublisher, grace_seconds: float = 5.0, limit: int = 500) -> int:
+    """Publish up to ``limit`` results left unpublished for longer than ``grace_seconds``."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=grace_seconds)
+    with Session(engine) as session:
+        rows = session.scalars(select(ResultRow).where(ResultRow.published_at.is_(None),
+                                                       ResultRow.created_at < cutoff)
+                               .order_by(ResultRow.seq).limit(limit)).all()
+    publisher.publish((RESULTS.name, host_routing_key(r.host), r.body) for r in rows)
+    mark_published(engine, [r.seq for r in rows])
+    return len(rows)
+
+
+def replay_results(engine: Engine, publisher: BatchPublisher, host: str, since: int = 0) -> int:
+    """Re-publish, for every port with a result for ``host`` after ``since``, its latest one."""
+    with Session(engine) as session:
+        latest = (select(func.max(ResultRow.seq)).where(ResultRow.host == host, ResultRow.seq > since)
+                  .group_by(ResultRow.port_id))
+        rows = session.scalars(select(ResultRow).where(ResultRow.seq.in_(latest)).order_by(ResultRow.seq)).all()
+    return publisher.publish(((RESULTS.name, host_routing_key(host), r.body) for r in rows), headers=REPLAY_HEADER)
+
+
+def replay_events(engine: Engine, publisher: BatchPublisher, first: int, last: int | None = None,
+                  chunk: int = 500) -> int:
+    """Publish the logged envelopes with ``first <= seq <= last`` again, in log order."""
+    count = 0
+    while last is None or first <= last:
+        with Session(engine) as session:
+            rows = events_between(session, first, last, limit=chunk)
+        if not rows:
+            break
+        count += publisher.publish(((EVENTS.name, r.event_type, r.envelope) for r in rows), headers=REPLAY_HEADER)
+        first = rows[-1].seq + 1
+    return count
+
+
+class Relay:
+    """``relay_once`` at most every ``every`` seconds, as a periodic task of a worker's loop."""
+
+    def __init__(self, engine: Engine, publisher: Callable[[], BatchPublisher], every: float, grace: float = 5.0):
+        self.engine, self.publisher, self.every, self.grace = engine, publisher, every, grace
+        self.last = time.monotonic()
+
+    def __call__(self) -> int:
+        if time.monotonic() - self.last < self.every:
+            return 0
+        self.last = time.monotonic()
+        count = relay_once(self.engine, self.publisher(), self.grace)
+        if count:
+            log.warning("relayed unpublished results", count=count)
+        return count
+
+
+def run_relay(engine: Engine, publisher: BatchPublisher, interval: float, grace: float, once: bool) -> int:
+    """``bindpipe relay``: pass after pass until SIGTERM (or one pass)."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    relay = Relay(engine, lambda: publisher, every=0.0, grace=grace)
+    while True:
+        relay()
+        if once or stopping:
+            return 0
+        deadline = time.monotonic() + interval
+        while time.monotonic() < deadline and not stopping:
+            publisher.connection.heartbeat_check()
+            time.sleep(min(0.2, interval))
