@@ -211,3 +211,55 @@ def metrics_server(port: Annotated[int, typer.Option(help="TCP port for /metrics
 
     _settings()
     serve(port, addr)
+
+
+@app.command()
+def explain(port_id: Annotated[str, typer.Argument(help="the port's id")],
+            as_json: Annotated[bool, typer.Option("--json", help="the whole report as JSON")] = False) -> None:
+    """Why a port is (not) bound: every attempt, its inputs, each driver's decline, the PCI decision."""
+    from pipeline.reports import main_explain
+
+    raise typer.Exit(main_explain(_settings(), port_id, as_json))
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="the whole report as JSON")] = False) -> None:
+    """Per host: agents (alive?), PCI pools, bindings; queue depths; dead letters."""
+    from pipeline.reports import main_status
+
+    raise typer.Exit(main_status(_settings(), as_json))
+
+
+@app.command("migrate")
+def migrate_database(revision: Annotated[str, typer.Option(help="target revision")] = "head",
+                     check: Annotated[bool, typer.Option("--check", help="change nothing: exit 1 unless the "
+                                                         "database is at head and matches the models")] = False) -> None:
+    """Migrate the database (BINDPIPE_DATABASE_URL) to a revision, or --check that it is current."""
+    from sqlalchemy.engine import make_url
+
+    from pipeline import migrate
+
+    settings = _settings()
+    url = settings.database_url
+    before = migrate.current(url)
+    typer.echo(f"database: {make_url(url).render_as_string(hide_password=True)}")
+    typer.echo(f"revision before: {before or '(none)'}")
+    if check:
+        head = migrate.head()
+        try:
+            migrate.check(url)
+        except migrate.SchemaMismatch as exc:
+            typer.echo(f"bindpipe migrate --check: {exc}", err=True)
+            raise typer.Exit(1) from None
+        if before != head:
+            typer.echo(f"bindpipe migrate --check: the database is at {before or '(none)'}, not at head {head}",
+                       err=True)
+            raise typer.Exit(1)
+        typer.echo(f"schema matches the models at head {head}")
+        return
+    try:
+        after = migrate.upgrade(url, revision)
+    except migrate.SchemaMismatch as exc:
+        typer.echo(f"bindpipe migrate: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"revision after: {after or '(none)'}")

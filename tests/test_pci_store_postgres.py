@@ -374,7 +374,8 @@ def test_first_inventories_of_a_new_host_racing_both_commit_and_the_last_wins(pg
 
 
 def test_inventory_update_drops_vanished_free_devices_and_keeps_one_in_use_until_freed(pg_engine: Engine):
-    """A vanished free device used to make every later inventory of the host fail (ValueError)."""
+    """A vanished free device used to make every later inventory of the host fail (ValueError); more in
+    test_pci_inventory_updates.py."""
     load(pg_engine, ONE_PF_THREE_VFS)
     assert Ops(pg_engine).allocate("port-a")["decision"].device.address == "0000:81:10.0"
     shrunk = inventory(pf_group(0x81, 3)[:1] + pf_group(0x81, 3)[2:3])  # PF and VF .1 remain
@@ -383,6 +384,12 @@ def test_inventory_update_drops_vanished_free_devices_and_keeps_one_in_use_until
                                    "0000:81:10.0": (v.PCI_ALLOCATED, "port-a"),  # gone, but in use
                                    "0000:81:10.1": (v.PCI_AVAILABLE, None)}
     assert invariant_violations(db_tracker(pg_engine)) == []
-    run_transaction(pg_engine, lambda session: release_port(session, "port-a"))
+    assert run_transaction(pg_engine, lambda session: release_port(session, "port-a")) == ["0000:81:10.0"]
+    # removed as soon as freed (it used to become available, and be allocated again, until the next inventory)
+    freed = {"0000:81:00.0": (v.PCI_AVAILABLE, None), "0000:81:10.1": (v.PCI_AVAILABLE, None)}
+    assert db_state(pg_engine) == freed
+    assert Ops(pg_engine).allocate("port-b")["decision"].device.address == "0000:81:10.1"
     load(pg_engine, shrunk)
-    assert db_state(pg_engine) == {"0000:81:00.0": (v.PCI_AVAILABLE, None), "0000:81:10.1": (v.PCI_AVAILABLE, None)}
+    assert db_state(pg_engine) == {"0000:81:00.0": (v.PCI_UNAVAILABLE, None),
+                                   "0000:81:10.1": (v.PCI_ALLOCATED, "port-b")}
+    assert invariant_violations(db_tracker(pg_engine)) == []

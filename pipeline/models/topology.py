@@ -47,6 +47,7 @@ class Network(Model):
 class Agent(Model):
     """An L2 agent (or OVN chassis) as Neutron's agents table holds it."""
 
+    id: str | None = Field(None, description="the agent's identity; default: type, host and binary")
     agent_type: str
     host: str
     alive: bool = True

@@ -4,7 +4,19 @@ A host's device rows are locked (``FOR UPDATE``, in address order), the in-memor
 rebuilt from them, the stage logic runs, and only the rows whose status or owner changed are
 written back. The row lock orders one host's allocations; the owner column, the partial unique
 index and the PF/VF exclusion constraint make double allocation impossible even if code erred.
+
+Devices pending removal (Nova's ``PciDevTracker.to_be_removed_when_freed``): a device in use that
+an inventory no longer reports, or reports without Nova tracking it any more (``tracked: false``,
+i.e. dropped from the device_spec), keeps its last tracked entry in the stored inventory, its row
+and its allocation. The host's stored inventory (``HostInventoryRow.inventory``) remembers it under
+``pending_removal``: address -> the entry last reported for it (``null`` when it was not reported).
+When its port releases it, it is freed first (PF/VF dependents change as Nova's free says: its PF
+becomes available if no other function is in use, its VFs become available), then removed: its
+row is deleted and its inventory entry dropped (or replaced by the untracked reported one), so it
+is never allocated again. A later inventory that reports it tracked again un-marks it.
 """
+
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -13,12 +25,15 @@ from sqlalchemy.orm import Session
 
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, SelectionOutcome
-from pipeline.models.pci import HostPciInventory
+from pipeline.models.pci import HostPciInventory, PciDevice
 from pipeline.models.tables import HostInventoryRow, PciDeviceRow
 from pipeline.models.topology import Network
 from pipeline.stages.allocation import allocate_device
 from pipeline.stages.pci_accounting import PciTracker
+from pipeline.stages.pci_devspec import DeviceSpec
 from pipeline.stages.validation import ValidatedRequest
+
+PENDING_REMOVAL = "pending_removal"
 
 
 def lock_host_devices(session: Session, host: str) -> dict[str, PciDeviceRow]:
@@ -27,14 +42,35 @@ def lock_host_devices(session: Session, host: str) -> dict[str, PciDeviceRow]:
     return {r.address: r for r in rows}
 
 
-def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, dict[str, PciDeviceRow]]:
+def stored_inventory(inventory_row: HostInventoryRow) -> tuple[HostPciInventory, dict[str, dict[str, Any] | None]]:
+    """The stored (tracked) inventory of a host and its devices pending removal."""
+    data = dict(inventory_row.inventory or {})
+    pending = data.pop(PENDING_REMOVAL, None) or {}
+    return HostPciInventory.model_validate(data), dict(pending)
+
+
+def _save_inventory(inventory_row: HostInventoryRow, inventory: HostPciInventory,
+                    pending: dict[str, dict[str, Any] | None]) -> None:
+    data = inventory.model_dump(mode="json")
+    if pending:
+        data[PENDING_REMOVAL] = dict(sorted(pending.items()))
+    inventory_row.inventory = data  # a new dict: JSON columns do not track in-place changes
+
+
+def _load(session: Session, host: str):  # noqa: ANN202
+    """(tracker, rows, inventory row, pending) for ``host``, locked; tracker None when no inventory."""
     inventory_row = session.get(HostInventoryRow, host, with_for_update=True)
     if inventory_row is None:
-        return None, {}
+        return None, {}, None, {}
     rows = lock_host_devices(session, host)
-    inventory = HostPciInventory.model_validate(inventory_row.inventory)
+    inventory, pending = stored_inventory(inventory_row)
     tracker = PciTracker.from_snapshot(inventory, {a: r.status for a, r in rows.items()},
                                        {a: r.owner_port_id for a, r in rows.items() if r.owner_port_id})
+    return tracker, rows, inventory_row, pending
+
+
+def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, dict[str, PciDeviceRow]]:
+    tracker, rows, _, _ = _load(session, host)
     return tracker, rows
 
 
@@ -61,31 +97,60 @@ def lock_inventory_row(session: Session, host: str) -> HostInventoryRow:
     return session.get(HostInventoryRow, host, with_for_update=True)
 
 
+def _kept_entry(old: HostPciInventory | None, row: PciDeviceRow) -> PciDevice:
+    """The last tracked entry of an in-use device, self-contained: a type-VF that had no VPD serial of
+    its own but matched through its PF's (libvirt reports the PF's) keeps that serial, so the device
+    stays matched whatever becomes of the PF's entry."""
+    entry = old.device(row.address) if old is not None else None
+    if entry is None:
+        entry = PciDevice.model_validate(row.inventory)
+    entry = entry.model_copy(update={"tracked": True})
+    if old is not None and entry.dev_type == v.PCI_DEV_TYPE_VF and entry.card_serial_number is None:
+        inherited = DeviceSpec(old).card_serial_number(entry)
+        if inherited is not None:
+            capabilities = dict(entry.capabilities or {})
+            vpd = capabilities.get("vpd")
+            capabilities["vpd"] = {**(vpd if isinstance(vpd, dict) else {}), "card_serial_number": inherited}
+            entry = entry.model_copy(update={"capabilities": capabilities})
+    return entry
+
+
 def store_inventory(session: Session, payload) -> None:  # noqa: ANN001 - PciInventoryPayload
-    """Replace a host's inventory. Devices in use keep their state; a vanished device still in use
-    stays tracked until it is freed (Nova's ``to_be_removed_when_freed``)."""
+    """Replace a host's inventory, as Nova's ``PciDevTracker._set_hvdevs`` does.
+
+    New devices are available; free devices no longer reported, or reported but no longer tracked,
+    are removed; devices in use keep their state. A device in use that is no longer reported, or no
+    longer tracked, keeps its last tracked entry and is marked pending removal (removed when freed,
+    see ``release_port``); one reported and tracked again is un-marked and is an ordinary device.
+    """
     host = payload.host
-    inventory = HostPciInventory.model_validate(payload.model_dump(exclude={"host"}))
-    old_row = lock_inventory_row(session, host)
+    reported = HostPciInventory.model_validate(payload.model_dump(exclude={"host"}))
+    inventory_row = lock_inventory_row(session, host)
     rows = lock_host_devices(session, host)
-    if old_row.inventory:
-        present = {d.address for d in inventory.devices}
-        old = HostPciInventory.model_validate(old_row.inventory)
-        kept = [d for d in old.devices if d.address not in present and rows.get(d.address)
-                and rows[d.address].owner_port_id]
-        inventory = inventory.model_copy(update={"devices": [*inventory.devices, *kept]})
-    tracked = PciTracker.from_inventory(inventory).tracked()  # a free device no longer tracked is dropped
-    tracker = PciTracker.from_snapshot(inventory, {a: r.status for a, r in rows.items()
-                                                   if a in tracked or r.owner_port_id},
+    old = stored_inventory(inventory_row)[0] if inventory_row.inventory else None
+    reported_tracked = PciTracker.from_inventory(reported).tracked()
+    kept: dict[str, PciDevice] = {}
+    pending: dict[str, dict[str, Any] | None] = {}
+    for address, row in rows.items():
+        if row.owner_port_id and address not in reported_tracked:
+            kept[address] = _kept_entry(old, row)
+            entry = reported.device(address)
+            pending[address] = entry.model_dump(mode="json") if entry is not None else None
+    reported_addresses = {d.address for d in reported.devices}
+    devices = [kept.get(d.address, d) for d in reported.devices]
+    devices += [kept[a] for a in sorted(kept) if a not in reported_addresses]
+    inventory = reported.model_copy(update={"devices": devices})
+    tracked = PciTracker.from_inventory(inventory).tracked()
+    tracker = PciTracker.from_snapshot(inventory, {a: r.status for a, r in rows.items() if a in tracked},
                                        {a: r.owner_port_id for a, r in rows.items() if r.owner_port_id})
-    devices = {d.address: d for d in inventory.devices}
+    by_address = {d.address: d for d in inventory.devices}
     snapshot = tracker.snapshot()
     for address, row in rows.items():
         if address not in snapshot:
             session.delete(row)
     session.flush()
     for address, (status, owner) in snapshot.items():
-        device = devices[address]
+        device = by_address[address]
         row = rows.get(address) or PciDeviceRow(host=host, address=address)
         row.vendor_id, row.product_id, row.dev_type = device.vendor_id, device.product_id, device.dev_type
         row.parent_addr, row.numa_node, row.physical_network = device.parent_addr, device.numa_node, device.physical_network
@@ -94,18 +159,39 @@ def store_inventory(session: Session, payload) -> None:  # noqa: ANN001 - PciInv
         row.inventory = device.model_dump(mode="json")
         row.status, row.owner_port_id = status, owner
         session.add(row)
-    old_row.inventory = inventory.model_dump(mode="json")
+    _save_inventory(inventory_row, inventory, pending)
+
+
+def _remove_freed(session: Session, inventory_row: HostInventoryRow, rows: dict[str, PciDeviceRow],
+                  pending: dict[str, dict[str, Any] | None], addresses: list[str]) -> None:
+    """Remove freed devices that were pending removal: row deleted; inventory entry dropped, or
+    replaced by the untracked entry last reported for it."""
+    inventory = stored_inventory(inventory_row)[0]
+    replaced = {a: PciDevice.model_validate(pending[a]) for a in addresses if pending[a] is not None}
+    devices = [replaced.get(d.address, d) for d in inventory.devices
+               if d.address not in addresses or d.address in replaced]
+    for address in addresses:
+        session.delete(rows.pop(address))
+        del pending[address]
+    session.flush()
+    _save_inventory(inventory_row, inventory.model_copy(update={"devices": devices}), pending)
+    session.flush()
 
 
 def release_port(session: Session, port_id: str) -> list[str]:
-    """Free every device ``port_id`` holds, on any host; the addresses freed."""
+    """Free every device ``port_id`` holds, on any host; the addresses freed. A freed device pending
+    removal is then removed (Nova frees it, with its PF/VF dependents, then removes it)."""
     hosts = sorted(set(session.scalars(select(PciDeviceRow.host).where(PciDeviceRow.owner_port_id == port_id))))
     released: list[str] = []
     for host in hosts:
-        tracker, rows = tracker_for(session, host)
+        tracker, rows, inventory_row, pending = _load(session, host)
         if tracker is None:
             continue
-        released += tracker.release(port_id).released
+        freed = tracker.release(port_id).released
+        released += freed
+        removed = [a for a in freed if a in pending]
+        if removed:
+            _remove_freed(session, inventory_row, rows, pending, removed)
         write_back(session, host, tracker, rows)
     return released
 

@@ -15,8 +15,7 @@ PORT_INPUT_KEYS = ("host", "vnic_type", "profile")
 
 def agent_key(agent: Agent) -> str:
     """Agents are identified by type, host and binary (an id, if the report carries one)."""
-    explicit = getattr(agent, "id", None)
-    return str(explicit) if explicit else f"{agent.agent_type}@{agent.host}/{agent.binary or ''}"
+    return agent.id or f"{agent.agent_type}@{agent.host}/{agent.binary or ''}"
 
 
 def upsert_agent(session: Session, agent: Agent, at: datetime, down_time: int) -> bool:

@@ -154,6 +154,9 @@ class Worker(ConsumerProducerMixin):
                 decoded.append((message, handler.decode(message.body)))
             except PoisonMessage as poison:
                 self.dead_letter(handler.stage, message, poison)
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the worker
+                log.exception("undecodable message", stage=handler.stage)
+                self.dead_letter(handler.stage, message, PoisonMessage("other", f"{type(exc).__name__}: {exc}"))
         if not decoded:
             return
         try:
@@ -162,7 +165,7 @@ class Worker(ConsumerProducerMixin):
             raise  # the mixin reconnects; unacked deliveries come back
         except Exception as exc:  # noqa: BLE001 - isolate the culprit below
             if len(decoded) == 1:
-                self.fail_one(handler, decoded[0][0], exc)
+                self.fail_one(handler, *decoded[0], exc)
                 return
             log.warning("batch failed, retrying one by one", stage=handler.stage, size=len(decoded),
                         error=str(exc)[:200])
@@ -172,7 +175,7 @@ class Worker(ConsumerProducerMixin):
                 except self.connection.connection_errors:
                     raise
                 except Exception as single_exc:  # noqa: BLE001
-                    self.fail_one(handler, pair[0], single_exc)
+                    self.fail_one(handler, *pair, single_exc)
 
     def commit_and_publish(self, handler: StageHandler, decoded: list[tuple[Message, Any]]) -> None:
         started = time.perf_counter()
@@ -204,7 +207,7 @@ class Worker(ConsumerProducerMixin):
             if out.exchange == RESULTS.name:
                 report_result(BindingResult.model_validate(out.body), out.occurred_at, now)
 
-    def fail_one(self, handler: StageHandler, message: Message, exc: Exception) -> None:
+    def fail_one(self, handler: StageHandler, message: Message, item: Any, exc: Exception) -> None:
         if isinstance(exc, PoisonMessage):
             self.dead_letter(handler.stage, message, exc)
         elif is_transient(exc):
@@ -213,7 +216,9 @@ class Worker(ConsumerProducerMixin):
             message.requeue()
         else:
             log.exception("handler failed", stage=handler.stage)
-            self.dead_letter(handler.stage, message, PoisonMessage("other", f"{type(exc).__name__}: {exc}"))
+            ids = handler.log_context(item)
+            self.dead_letter(handler.stage, message, PoisonMessage(
+                "other", f"{type(exc).__name__}: {exc}", ids.get("event_id"), ids.get("port_id")))
 
     def dead_letter(self, stage: str, message: Message, poison: PoisonMessage) -> None:
         """Record why, then reject without requeue: RabbitMQ routes it to the stage's DLQ."""

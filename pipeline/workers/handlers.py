@@ -20,7 +20,7 @@ from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, BindingResult, DriverConfig
 from pipeline.models.events import PAYLOAD_MODELS, Envelope
 from pipeline.models.jobs import BindingJob
-from pipeline.models.tables import BindingRow, PortRow, ResultRow
+from pipeline.models.tables import BindingRow, PortRow, ResultRow, utcnow
 from pipeline.models.topology import Port
 from pipeline.observability.logging import bind_event_context
 from pipeline.settings import Settings
@@ -57,11 +57,13 @@ class Publish:
         return cls(data["exchange"], data["routing_key"], data["body"])
 
 
-def decode_json(body: bytes, max_bytes: int) -> Any:
-    if len(body) > max_bytes:
-        raise PoisonMessage("too_large", f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+def decode_json(body: bytes | str, max_bytes: int) -> Any:
+    """JSON from a body (py-amqp hands over text when the publisher declared an encoding)."""
+    size = len(body) if isinstance(body, bytes) else len(body.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise PoisonMessage("too_large", f"body of {size} bytes exceeds the limit of {max_bytes}")
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
     except UnicodeDecodeError as exc:
         raise PoisonMessage("not_utf8", f"body is not UTF-8: {exc}") from None
     try:
@@ -259,7 +261,11 @@ class SelectHandler(StageHandler):
                 hosts = {job.port.host} | topo.all_ovn_chassis_hosts(session)
                 agents = topo.load_agents(session, hosts, job.occurred_at, self.settings.agent_down_time)
                 original = OriginalBinding(**job.original) if job.original else None
-                job.selection = manager_for(self.driver_config).bind_port(validated(job), network, agents, original)
+                try:
+                    job.selection = manager_for(self.driver_config).bind_port(validated(job), network, agents,
+                                                                              original)
+                except BindingRequestError as exc:  # a configuration the drivers refuse, as the dry-run says
+                    job.error = str(exc)
         return [hand_on(job, "allocate")]
 
 
@@ -320,7 +326,9 @@ class ComposeHandler(PortLockingHandler):
         out = []
         for result in results:
             result.event_id = job.event_id
-            out.append(self.add_result(session, result, job.occurred_at))
+            publish = self.add_result(session, result, job.occurred_at)
+            if publish is not None:
+                out.append(publish)
         return out
 
     def compose(self, job: BindingJob) -> BindingResult:
@@ -344,12 +352,16 @@ class ComposeHandler(PortLockingHandler):
         if result.dynamic_segments:
             topo.save_dynamic_segments(session, job.port.network_id, result.dynamic_segments)
 
-    def add_result(self, session: Session, result: BindingResult, occurred_at: datetime | None = None) -> Publish:
+    def add_result(self, session: Session, result: BindingResult, occurred_at: datetime | None = None) -> Publish | None:
+        """Record the result; what to publish, or None for a port with no host (no one to tell)."""
         row = ResultRow(event_id=result.event_id, port_id=result.port_id, host=result.host or "", body={})
         session.add(row)
         session.flush()
         result.seq = row.seq
         row.body = result.model_dump(mode="json")
+        if not row.host:
+            row.published_at = utcnow()
+            return None
         return Publish(RESULTS.name, host_routing_key(row.host), row.body, occurred_at)
 
 

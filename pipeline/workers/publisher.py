@@ -51,12 +51,12 @@ class BatchPublisher:
         """Publish ``(exchange, routing_key, body)`` persistently; return once all are confirmed."""
         count = 0
         for exchange, routing_key, body in messages:
+            self.sent += 1
+            if self.confirms:
+                self.pending.add(self.sent)  # before publishing: its ack may be read while we publish
             self.producer.publish(body, exchange=exchange, routing_key=routing_key, serializer="json",
                                   delivery_mode=2, headers=headers)
             count += 1
-        if self.confirms:
-            self.pending.update(range(self.sent + 1, self.sent + count + 1))
-        self.sent += count
         if self.confirms and count:
             self._wait_for_confirms()
         return count

@@ -1,0 +1,260 @@
+"""Alembic migrations (``pipeline.migrate``, ``bindpipe migrate``) on PostgreSQL and SQLite.
+
+The initial revision must build exactly what ``Base.metadata.create_all`` builds, including the
+parts the models add outside the table classes: the ``btree_gist`` extension and the PF/VF
+exclusion constraint on PostgreSQL, the PF/VF trigger on SQLite, and the partial owner index.
+It is checked three ways: Alembic's ``compare_metadata`` finds nothing, the catalog of a migrated
+database equals the catalog of a ``create_all`` one, and the guards refuse what they must.
+"""
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+from typer.testing import CliRunner
+
+from pipeline import migrate
+from pipeline.cli import app
+from pipeline.db import create_schema, make_engine
+from pipeline.models.tables import Base
+from tests.services import fresh_database
+
+pytestmark = pytest.mark.services
+
+HEAD = "0001"
+PF, VF0, VF1 = "0000:81:00.0", "0000:81:10.0", "0000:81:10.1"
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def engine_of() -> Iterator:
+    engines: list[Engine] = []
+
+    def make(url: str) -> Engine:
+        engines.append(make_engine(url))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def created_all_pg_url() -> Iterator[str]:
+    """A second fresh PostgreSQL database, built by ``create_all``."""
+    url, drop = fresh_database(uuid.uuid4().hex[:10])
+    engine = make_engine(url)
+    create_schema(engine)
+    engine.dispose()
+    yield url
+    drop()
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def model_differences(engine: Engine) -> list:
+    with engine.connect() as conn:
+        return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+
+
+def pg_catalog(engine: Engine) -> dict[str, list[tuple]]:
+    """Everything of the public schema that create_all or a migration makes (Alembic's own table aside)."""
+    queries = {
+        "columns": "SELECT table_name, column_name, data_type, character_maximum_length, is_nullable, "
+                   "column_default FROM information_schema.columns WHERE table_schema = 'public' "
+                   "AND table_name <> 'alembic_version'",
+        "constraints": "SELECT conrelid::regclass::text, conname, contype, pg_get_constraintdef(oid) "
+                       "FROM pg_constraint WHERE connamespace = 'public'::regnamespace "
+                       "AND conrelid::regclass::text <> 'alembic_version'",
+        "indexes": "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
+                   "AND tablename <> 'alembic_version'",
+        "sequences": "SELECT sequence_name, data_type FROM information_schema.sequences "
+                     "WHERE sequence_schema = 'public'",
+        "extensions": "SELECT extname FROM pg_extension",
+        "triggers": "SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal",
+    }
+    with engine.connect() as conn:
+        return {name: sorted(tuple(row) for row in conn.execute(text(sql))) for name, sql in queries.items()}
+
+
+def sqlite_catalog(engine: Engine) -> list[tuple]:
+    with engine.connect() as conn:
+        return sorted(tuple(row) for row in conn.execute(text(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE tbl_name <> 'alembic_version'")))
+
+
+def insert_device(conn, address: str, is_pf: int, owner: str | None, host: str = "compute-1") -> None:  # noqa: ANN001
+    conn.execute(text(
+        "INSERT INTO pci_devices (host, address, vendor_id, product_id, dev_type, parent_addr, pf_group, is_pf, "
+        "inventory, status, owner_port_id, updated_at) VALUES (:h, :a, '8086', '154c', :t, :p, :g, :pf, '{}', "
+        ":s, :o, CURRENT_TIMESTAMP)"),
+        {"h": host, "a": address, "t": "type-PF" if is_pf else "type-VF", "p": None if is_pf else PF, "g": PF,
+         "pf": is_pf, "s": "allocated" if owner else "available", "o": owner})
+
+
+def set_owner(engine: Engine, address: str, owner: str | None, host: str = "compute-1") -> None:
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE pci_devices SET owner_port_id = :o WHERE host = :h AND address = :a"),
+                     {"o": owner, "h": host, "a": address})
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------
+
+def test_upgrade_head_on_a_fresh_postgres_database_matches_the_models(pg_url: str, engine_of):
+    assert migrate.current(pg_url) is None
+    assert migrate.head() == HEAD
+    assert migrate.upgrade(pg_url) == HEAD
+    assert migrate.current(pg_url) == HEAD
+    engine = engine_of(pg_url)
+    assert model_differences(engine) == []
+    migrate.check(pg_url)  # compare_metadata, the partial index's WHERE and the exclusion constraint
+    assert set(inspect(engine).get_table_names()) == {*Base.metadata.tables, "alembic_version"}
+    assert migrate.upgrade(pg_url) == HEAD  # again: nothing to do
+
+
+def test_a_migrated_postgres_catalog_equals_create_all(pg_url: str, created_all_pg_url: str, engine_of):
+    migrate.upgrade(pg_url)
+    migrated, created = pg_catalog(engine_of(pg_url)), pg_catalog(engine_of(created_all_pg_url))
+    assert migrated == created
+    assert ("btree_gist",) in migrated["extensions"]
+    assert ("pci_devices", "uq_pci_devices_owner", "CREATE UNIQUE INDEX uq_pci_devices_owner ON public.pci_devices "
+            "USING btree (host, owner_port_id) WHERE (owner_port_id IS NOT NULL)") in migrated["indexes"]
+    assert {name for _, name, kind, _ in migrated["constraints"] if kind == "f"} == {"fk_segments_network_id_networks"}
+
+
+def test_the_migrated_exclusion_constraint_exists_and_refuses_a_pf_beside_its_vf(pg_url: str, engine_of):
+    migrate.upgrade(pg_url)
+    engine = engine_of(pg_url)
+    with engine.connect() as conn:
+        definition = conn.execute(text(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'ex_pci_devices_pf_vf' "
+            "AND contype = 'x' AND conrelid = 'pci_devices'::regclass")).scalar_one()
+    assert definition == ("EXCLUDE USING gist (host WITH =, pf_group WITH =, is_pf WITH <>) "
+                          "WHERE ((owner_port_id IS NOT NULL))")
+
+    with engine.begin() as conn:
+        insert_device(conn, PF, 1, None)
+        insert_device(conn, VF0, 0, "port-a")
+        insert_device(conn, VF1, 0, None)
+        insert_device(conn, PF, 1, "port-x", host="compute-2")  # another host: another group
+    with pytest.raises(IntegrityError):  # update: the PF while its VF is owned
+        set_owner(engine, PF, "port-b")
+    with pytest.raises(IntegrityError), engine.begin() as conn:  # insert: an owned VF beside an owned PF
+        insert_device(conn, PF, 1, "port-p", host="compute-3")
+        insert_device(conn, VF0, 0, "port-v", host="compute-3")
+    set_owner(engine, VF1, "port-c")  # a sibling VF is legal
+    set_owner(engine, VF0, None)
+    set_owner(engine, VF1, None)
+    set_owner(engine, PF, "port-b")  # and the PF once its VFs are free
+
+
+def test_check_reports_drift_on_postgres(pg_url: str, engine_of):
+    migrate.upgrade(pg_url)
+    engine = engine_of(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE pci_devices DROP CONSTRAINT ex_pci_devices_pf_vf"))
+        conn.execute(text('ALTER TABLE agents ALTER COLUMN "binary" TYPE varchar(65)'))
+        conn.execute(text("DROP INDEX uq_pci_devices_owner"))
+        conn.execute(text("CREATE UNIQUE INDEX uq_pci_devices_owner ON pci_devices (host, owner_port_id)"))
+    with pytest.raises(migrate.SchemaMismatch) as caught:
+        migrate.check(pg_url)
+    found = str(caught.value)
+    assert "missing_exclusion_constraint" in found
+    assert "modify_type" in found and "'binary'" in found
+    assert "modify_index_where" in found and "uq_pci_devices_owner" in found
+
+
+def test_downgrade_to_base_drops_everything_on_postgres(pg_url: str, engine_of):
+    migrate.upgrade(pg_url)
+    assert migrate.downgrade(pg_url, "base") is None
+    assert migrate.current(pg_url) is None
+    catalog = pg_catalog(engine_of(pg_url))
+    assert catalog["extensions"] == [("plpgsql",)]
+    assert all(rows == [] for name, rows in catalog.items() if name != "extensions"), catalog
+    assert set(inspect(engine_of(pg_url)).get_table_names()) <= {"alembic_version"}
+    assert migrate.upgrade(pg_url) == HEAD  # and back up
+    assert model_differences(engine_of(pg_url)) == []
+
+
+# --- SQLite --------------------------------------------------------------------------------------
+
+def test_upgrade_head_on_sqlite_matches_create_all_with_the_trigger(tmp_path: Path, engine_of):
+    url = sqlite_url(tmp_path / "migrated.db")
+    assert migrate.upgrade(url) == HEAD
+    assert migrate.current(url) == HEAD
+    engine = engine_of(url)
+    assert model_differences(engine) == []
+    migrate.check(url)
+    with engine.connect() as conn:
+        trigger = conn.execute(text("SELECT tbl_name FROM sqlite_master WHERE type = 'trigger' "
+                                    "AND name = 'tr_pci_devices_pf_vf'")).scalar_one()
+    assert trigger == "pci_devices"
+
+    created = engine_of(sqlite_url(tmp_path / "created.db"))
+    create_schema(created)
+    assert sqlite_catalog(engine) == sqlite_catalog(created)
+
+    with engine.begin() as conn:
+        insert_device(conn, PF, 1, None)
+        insert_device(conn, VF0, 0, "port-a")
+    with pytest.raises(IntegrityError):
+        set_owner(engine, PF, "port-b")
+    set_owner(engine, VF0, None)
+    set_owner(engine, PF, "port-b")
+
+
+def test_downgrade_to_base_drops_everything_on_sqlite(tmp_path: Path, engine_of):
+    url = sqlite_url(tmp_path / "migrated.db")
+    migrate.upgrade(url)
+    assert migrate.downgrade(url, "base") is None
+    assert sqlite_catalog(engine_of(url)) == []
+
+
+def test_a_create_all_database_is_adopted_only_when_it_matches(tmp_path: Path, engine_of):
+    url = sqlite_url(tmp_path / "embedded.db")
+    create_schema(engine_of(url))
+    assert migrate.current(url) is None
+    assert migrate.upgrade(url) == HEAD  # stamped, nothing created twice
+
+    tampered = sqlite_url(tmp_path / "tampered.db")
+    engine = engine_of(tampered)
+    create_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER tr_pci_devices_pf_vf"))
+    with pytest.raises(migrate.SchemaMismatch, match="missing_trigger"):
+        migrate.upgrade(tampered)
+    assert migrate.current(tampered) is None
+
+
+# --- bindpipe migrate ----------------------------------------------------------------------------
+
+def test_bindpipe_migrate(pg_url: str):
+    runner = CliRunner()
+    env = {"BINDPIPE_DATABASE_URL": pg_url, "BINDPIPE_CONFIG_FILE": None}
+
+    checked = runner.invoke(app, ["migrate", "--check"], env=env)
+    assert checked.exit_code == 1, checked.output
+    assert "revision before: (none)" in checked.output
+
+    done = runner.invoke(app, ["migrate"], env=env)
+    assert done.exit_code == 0, done.output
+    assert "revision before: (none)" in done.output
+    assert f"revision after: {HEAD}" in done.output
+    assert migrate.current(pg_url) == HEAD
+
+    checked = runner.invoke(app, ["migrate", "--check"], env=env)
+    assert checked.exit_code == 0, checked.output
+    assert f"schema matches the models at head {HEAD}" in checked.output
+
+    again = runner.invoke(app, ["migrate", "--revision", "head"], env=env)
+    assert again.exit_code == 0, again.output
+    assert f"revision before: {HEAD}" in again.output and f"revision after: {HEAD}" in again.output
+
