@@ -204,7 +204,7 @@ def schema(out: Annotated[Path | None, typer.Option(help="write one <name>.schem
 
 
 @app.command("metrics-server")
-def metrics_server(port: Annotated[int, typer.Option(help="TCP port for /metrics")] = 9464,
+def metrics_server(port: Annotated[int, typer.Option(envvar="BINDPIPE_METRICS_PORT", help="TCP port for /metrics")] = 9464,
                    addr: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0") -> None:
     """Serve every worker's metrics (Prometheus multiprocess directory) on one /metrics endpoint."""
     from pipeline.observability.metrics import serve

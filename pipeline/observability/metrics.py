@@ -261,8 +261,35 @@ def bounded(value: str | None, allowed: Iterable[str], default: str = "other") -
     return value if value in tuple(allowed) else default
 
 
+_INITIALISED_STAGES: set[str] = set()
+
+
+def init_stage_series(stage: str) -> None:
+    """Create ``stage``'s bounded counter and histogram series at 0 (once per process).
+
+    A labelled series appears only when first used, so without this a healthy machine exports no
+    ``bindpipe_dead_letters_total`` at all, and the first dead letter of a (stage, reason) appears
+    already at 1: ``increase()``/``rate()`` see no rise from a missing sample, so
+    ``BindpipeDeadLettersGrowing`` would not fire for it. Label sets are bounded, so this is cheap.
+    """
+    if stage in _INITIALISED_STAGES:
+        return
+    _INITIALISED_STAGES.add(stage)
+    for outcome in STAGE_OUTCOMES:
+        STAGE_MESSAGES.labels(stage=stage, outcome=outcome)
+    for reason in DEAD_LETTER_REASONS:
+        DEAD_LETTERS.labels(stage=stage, reason=reason)
+    STAGE_DURATION.labels(stage=stage)
+    BATCH_SIZE.labels(stage=stage)
+    if stage == "compose":  # the stage that reports binding results
+        for reason in FAILURE_REASONS:
+            BINDING_FAILURES.labels(reason=reason)
+
+
 def touch_loop(stage: str) -> None:
-    """Record that ``stage``'s consume loop is turning (for the worker-stalled alert)."""
+    """Record that ``stage``'s consume loop is turning (for the worker-stalled alert); the first
+    time in this process, also create the stage's series at 0 (:func:`init_stage_series`)."""
+    init_stage_series(stage)
     WORKER_LAST_LOOP.labels(stage=stage).set(time.time())
 
 
@@ -270,6 +297,7 @@ __all__ = [
     "BATCH_SIZE", "BINDINGS", "BINDING_FAILURES", "BINDING_OUTCOMES", "DEAD_LETTERS", "DEAD_LETTER_REASONS",
     "END_TO_END_LATENCY", "EVENT_LOG_LAG", "FAILURE_REASONS", "METRIC_FAMILIES", "PCI_DEVICES", "PCI_STATES",
     "STAGES", "STAGE_DURATION", "STAGE_MESSAGES", "STAGE_OUTCOMES", "WORKER_LAST_LOOP", "bounded",
-    "configure_metrics_dir", "failure_reason_category", "make_metrics_server", "mark_dead", "metrics_dir",
+    "configure_metrics_dir", "failure_reason_category", "init_stage_series", "make_metrics_server", "mark_dead",
+    "metrics_dir",
     "reap_dead_processes", "registry_for_export", "serve", "touch_loop",
 ]

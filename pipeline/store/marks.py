@@ -2,42 +2,42 @@
 
 from typing import Any
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from pipeline.models.events import Envelope
-from pipeline.models.tables import EventLog, StageMark
+from pipeline.models.tables import EventLog, StageMark, utcnow
 
 
-def insert_ignore(session: Session, table: Table, values: dict[str, Any], returning=None):  # noqa: ANN001
-    """INSERT that silently does nothing on a key conflict; returns the RETURNING row or None."""
+def record_events(session: Session, envelopes: list[Envelope]) -> set[str]:
+    """Append to the event log in one statement; the event_ids that were new (the rest were seen before)."""
+    if not envelopes:
+        return set()
     dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
-    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing()
-    if returning is not None:
-        return session.execute(stmt.returning(returning)).first()
-    return session.execute(stmt).rowcount
+    stmt = dialect.insert(EventLog).values([{
+        "event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at,
+        "received_at": utcnow(), "envelope": e.model_dump(mode="json")} for e in envelopes])
+    return set(session.scalars(stmt.on_conflict_do_nothing().returning(EventLog.event_id)))
 
 
-def record_event(session: Session, envelope: Envelope) -> int | None:
-    """Append to the event log; the new ``seq``, or None when this event_id was seen before."""
-    row = insert_ignore(session, EventLog.__table__, {
-        "event_id": str(envelope.event_id), "event_type": envelope.event_type,
-        "occurred_at": envelope.occurred_at, "envelope": envelope.model_dump(mode="json"),
-    }, returning=EventLog.seq)
-    return row[0] if row else None
+def stored_outputs(session: Session, job_ids: list[str], stage: str) -> dict[str, list[Any]]:
+    """What ``stage`` handed on for each of ``job_ids`` it handled before (one query)."""
+    if not job_ids:
+        return {}
+    rows = session.execute(select(StageMark.job_id, StageMark.output)
+                           .where(StageMark.stage == stage, StageMark.job_id.in_(job_ids)))
+    return {job_id: output for job_id, output in rows}
 
 
-def stored_output(session: Session, job_id: str, stage: str) -> list[Any] | None:
-    """What ``stage`` handed on when it handled ``job_id`` before, or None if it never did."""
-    return session.scalar(select(StageMark.output).where(StageMark.job_id == job_id, StageMark.stage == stage))
-
-
-def add_mark(session: Session, job_id: str, stage: str, output: list[Any]) -> None:
-    """Record the handling in the transaction of its effects. A plain INSERT on purpose: if a
-    concurrent redelivery got there first, the key conflict rolls this whole transaction back."""
-    session.add(StageMark(job_id=job_id, stage=stage, output=output))
-    session.flush()
+def add_marks(session: Session, stage: str, outputs: dict[str, list[Any]]) -> None:
+    """Record the handling in the transaction of its effects (one statement). A plain INSERT on
+    purpose: if a concurrent redelivery got there first, the key conflict rolls this whole
+    transaction back."""
+    if outputs:
+        now = utcnow()
+        session.execute(insert(StageMark), [{"job_id": job_id, "stage": stage, "output": output, "done_at": now}
+                                            for job_id, output in outputs.items()])
 
 
 def newest_event_seq(session: Session) -> int:

@@ -178,13 +178,49 @@ def _remove_freed(session: Session, inventory_row: HostInventoryRow, rows: dict[
     session.flush()
 
 
-def release_port(session: Session, port_id: str) -> list[str]:
+def device_holders(session: Session, port_ids: list[str]) -> set[str]:
+    """Which of ``port_ids`` hold a device (on any host)."""
+    if not port_ids:
+        return set()
+    return set(session.scalars(select(PciDeviceRow.owner_port_id).where(PciDeviceRow.owner_port_id.in_(port_ids))))
+
+
+class HostCache:
+    """One transaction's locked PCI state per host: each host is loaded (and locked) once and
+    written back once, by ``flush``, however many ports of the batch it serves."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.loaded: dict[str, tuple] = {}
+
+    def lock(self, hosts: set[str]) -> None:
+        """Load ``hosts`` now, in name order: every worker locks hosts in that order, so no deadlock."""
+        for host in sorted(hosts - set(self.loaded)):
+            self.loaded[host] = _load(self.session, host)
+
+    def get(self, host: str) -> tuple:
+        if host not in self.loaded:
+            self.loaded[host] = _load(self.session, host)
+        return self.loaded[host]
+
+    def flush(self, host: str | None = None) -> None:
+        """Write back ``host`` (or every host) and forget it: the next use loads it afresh."""
+        for name in [host] if host is not None else list(self.loaded):
+            tracker, rows, _, _ = self.loaded.pop(name, (None, None, None, None))
+            if tracker is not None:
+                write_back(self.session, name, tracker, rows)
+
+
+def release_port(session: Session, port_id: str, cache: HostCache | None = None) -> list[str]:
     """Free every device ``port_id`` holds, on any host; the addresses freed. A freed device pending
     removal is then removed (Nova frees it, with its PF/VF dependents, then removes it)."""
-    hosts = sorted(set(session.scalars(select(PciDeviceRow.host).where(PciDeviceRow.owner_port_id == port_id))))
+    own = cache is None
+    cache = cache or HostCache(session)
+    hosts = set(session.scalars(select(PciDeviceRow.host).where(PciDeviceRow.owner_port_id == port_id)))
+    cache.lock(hosts)
     released: list[str] = []
-    for host in hosts:
-        tracker, rows, inventory_row, pending = _load(session, host)
+    for host in sorted(hosts):
+        tracker, rows, inventory_row, pending = cache.get(host)
         if tracker is None:
             continue
         freed = tracker.release(port_id).released
@@ -192,14 +228,19 @@ def release_port(session: Session, port_id: str) -> list[str]:
         removed = [a for a in freed if a in pending]
         if removed:
             _remove_freed(session, inventory_row, rows, pending, removed)
-        write_back(session, host, tracker, rows)
+            cache.flush(host)  # the tracker still holds the removed devices: reload on next use
+    if own:
+        cache.flush()
     return released
 
 
 def allocate(session: Session, request: ValidatedRequest, selection: SelectionOutcome,
-             network: Network) -> AllocationDecision:
-    tracker, rows = tracker_for(session, request.port.host)
+             network: Network, cache: HostCache | None = None) -> AllocationDecision:
+    """Stage 3 on the host's locked devices; written back at once, or by ``cache.flush()``."""
+    own = cache is None
+    cache = cache or HostCache(session)
+    tracker = cache.get(request.port.host)[0]
     decision = allocate_device(request, selection, network, tracker)
-    if tracker is not None and decision.device is not None:
-        write_back(session, request.port.host, tracker, rows)
+    if own:
+        cache.flush()
     return decision

@@ -44,9 +44,17 @@ def load_agents(session: Session, hosts: set[str], at: datetime, down_time: int)
     Liveness is judged at the event's time, not the wall clock, so replaying the log gives the
     same bindings.
     """
-    rows = session.scalars(select(AgentRow).where(AgentRow.host.in_(hosts))
-                           .order_by(AgentRow.host, AgentRow.position)).all()
-    return [Agent(agent_type=r.agent_type, host=r.host, binary=r.binary, admin_state_up=r.admin_state_up,
+    return agents_at(agent_rows(session, hosts), at, down_time)
+
+
+def agent_rows(session: Session, hosts: set[str]) -> list[AgentRow]:
+    return list(session.scalars(select(AgentRow).where(AgentRow.host.in_(hosts))
+                                .order_by(AgentRow.host, AgentRow.position)))
+
+
+def agents_at(rows: list[AgentRow], at: datetime, down_time: int) -> list[Agent]:
+    """The agents of ``rows`` as they were at ``at`` (see ``load_agents``)."""
+    return [Agent(id=r.id, agent_type=r.agent_type, host=r.host, binary=r.binary, admin_state_up=r.admin_state_up,
                   configurations=r.configurations, heartbeat_at=_aware(r.heartbeat_at),
                   alive=r.reported_alive and (at - _aware(r.heartbeat_at)) < timedelta(seconds=down_time))
             for r in rows]
@@ -123,6 +131,11 @@ def store_port(session: Session, row: PortRow | None, port: Port) -> tuple[PortR
     row.network_id, row.host, row.vnic_type, row.profile, row.body = (
         port.network_id or row.network_id, port.host, vnic_type, profile, body)
     return row, changed
+
+
+def bindings_of(session: Session, port_ids: list[str]) -> list[BindingRow]:
+    """Every binding (any host) of ``port_ids``."""
+    return list(session.scalars(select(BindingRow).where(BindingRow.port_id.in_(port_ids)))) if port_ids else []
 
 
 def failed_ports_on_host(session: Session, host: str) -> list[str]:

@@ -12,8 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import flag_modified
 
 from pipeline.drivers.api import OriginalBinding
 from pipeline.models import vocabulary as v
@@ -30,7 +31,7 @@ from pipeline.stages.selection import manager_for
 from pipeline.stages.validation import ValidatedRequest, validate_request
 from pipeline.store import pci as pci_store
 from pipeline.store import topology as topo
-from pipeline.store.marks import add_mark, record_event, stored_output
+from pipeline.store.marks import add_marks, record_events, stored_outputs
 from pipeline.workers.topology import RESULTS, STAGE_EXCHANGE, host_routing_key
 
 
@@ -120,26 +121,39 @@ class StageHandler:
         return decode_job(body, self.settings.max_body_bytes)
 
     def handle(self, session: Session, items: list[Any]) -> list[Publish]:
-        """Handle a batch; ``self.duplicates`` counts the items that were handled before."""
-        out: list[Publish] = []
-        seen: set[str] = set()
+        """Handle a batch; ``self.duplicates`` counts the items that were handled before.
+
+        One query finds the items handled before (their stored output is re-published), ``prepare``
+        loads what the new ones need in a few queries, and one statement records their marks."""
         self.duplicates = 0
+        fresh: dict[str, Any] = {}
         for item in items:
             key = self.key(item)
+            if key in fresh:
+                self.duplicates += 1  # a copy within this batch: the first one's output goes out now
+            else:
+                fresh[key] = item
+        previous = stored_outputs(session, list(fresh), self.stage)
+        self.prepare(session, [item for key, item in fresh.items() if key not in previous])
+        out: list[Publish] = []
+        produced: dict[str, list[Publish]] = {}
+        for key, item in fresh.items():
             bind_event_context(stage=self.stage, **self.log_context(item))
-            if key in seen:
+            if key in previous:
                 self.duplicates += 1
-                continue  # a copy within this batch: the first one's output is being published now
-            seen.add(key)
-            previous = stored_output(session, key, self.stage)
-            if previous is not None:
-                self.duplicates += 1
-                out += self.redelivered(session, previous)
-                continue
-            produced = self.handle_one(session, item)
-            add_mark(session, key, self.stage, [p.as_json() for p in produced])
-            out += produced
+                out += self.redelivered(session, previous[key])
+            else:
+                produced[key] = self.handle_one(session, item)
+                out += produced[key]
+        self.finish(session)
+        add_marks(session, self.stage, {key: [p.as_json() for p in ps] for key, ps in produced.items()})
         return out
+
+    def prepare(self, session: Session, items: list[Any]) -> None:
+        """Load in bulk what ``handle_one`` will need for ``items`` (the batch's new items)."""
+
+    def finish(self, session: Session) -> None:
+        """Complete the batch's effects before its marks are written."""
 
     def key(self, item: Any) -> str:
         return item.job_id
@@ -169,8 +183,21 @@ class ValidateHandler(StageHandler):
     def log_context(self, item: Envelope) -> dict[str, Any]:
         return {"event_id": str(item.event_id), "event_type": item.event_type}
 
+    def prepare(self, session: Session, items: list[Envelope]) -> None:
+        self.new_events = record_events(session, items)
+        port_ids = sorted({p.get("id") or p.get("port_id") for e in items if e.event_type.startswith(("port.", "binding."))
+                           for p in [e.payload]} - {None})
+        locked = topo.lock_ports(session, port_ids)
+        self.ports: dict[str, PortRow | None] = {port_id: locked.get(port_id) for port_id in port_ids}
+        self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, port_ids)}
+
+    def port_row(self, session: Session, port_id: str) -> PortRow | None:
+        if port_id not in self.ports:
+            self.ports[port_id] = topo.lock_ports(session, [port_id]).get(port_id)
+        return self.ports[port_id]
+
     def handle_one(self, session: Session, env: Envelope) -> list[Publish]:
-        if record_event(session, env) is None:
+        if str(env.event_id) not in self.new_events:
             return []  # a duplicate event_id whose mark was lost cannot happen: both share one commit
         payload = env.typed_payload()
         kind = env.event_type
@@ -188,7 +215,7 @@ class ValidateHandler(StageHandler):
         elif kind in ("port.create", "port.update"):
             jobs = self.port_changed(session, env, payload, force=False)
         elif kind == "binding.request":
-            row = topo.lock_ports(session, [payload.port_id]).get(payload.port_id)
+            row = self.port_row(session, payload.port_id)
             if row is None:
                 raise PoisonMessage("bad_schema", f"binding.request for unknown port {payload.port_id}",
                                     str(env.event_id), payload.port_id)
@@ -199,11 +226,13 @@ class ValidateHandler(StageHandler):
                 port.profile = payload.profile
             jobs = self.port_changed(session, env, port, force=True)
         elif kind == "port.delete":
-            row = topo.lock_ports(session, [payload.id]).get(payload.id)
+            row = self.port_row(session, payload.id)
             if row is not None:
                 row.revision += 1
                 jobs = [self.job(env, row, "unbind", old_host=row.host or None)]
                 session.delete(row)
+                session.flush()  # a port.create of the same id later in this batch inserts anew
+                self.ports[payload.id] = None
         return [hand_on(job, "select") for job in jobs]
 
     def job(self, env: Envelope, row: PortRow, action: str, **fields: Any) -> BindingJob:
@@ -212,11 +241,12 @@ class ValidateHandler(StageHandler):
                           context=env.context, **fields)
 
     def port_changed(self, session: Session, env: Envelope, port: Port, force: bool) -> list[BindingJob]:
-        row = topo.lock_ports(session, [port.id]).get(port.id)
+        row = self.port_row(session, port.id)
         old_host = row.host if row else ""
         old_profile = dict(row.profile) if row else None
-        binding = session.get(BindingRow, (port.id, old_host)) if row else None
+        binding = self.bindings.get((port.id, old_host)) if row else None
         row, changed = topo.store_port(session, row, port)
+        self.ports[port.id] = row
         needs_bind = force or changed or binding is None or binding.vif_type in v.VIF_UNPLUGGED_TYPES
         if not needs_bind:
             return []
@@ -237,7 +267,7 @@ class ValidateHandler(StageHandler):
         """Every port that failed to bind on ``host`` gets another try (Neutron: OVS agents only)."""
         jobs = []
         for port_id in topo.failed_ports_on_host(session, host):
-            row = topo.lock_ports(session, [port_id]).get(port_id)
+            row = self.port_row(session, port_id)
             if row is None:
                 continue
             row.revision += 1
@@ -251,15 +281,21 @@ class SelectHandler(StageHandler):
 
     stage = "select"
 
+    def prepare(self, session: Session, items: list[BindingJob]) -> None:
+        ports = [j.port for j in items if j.port is not None]
+        self.networks = topo.load_networks(session, {p.network_id for p in ports})
+        self.chassis_hosts = topo.all_ovn_chassis_hosts(session)
+        self.agent_rows = topo.agent_rows(session, {p.host for p in ports} | self.chassis_hosts)
+
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if job.action == "bind" and job.error is None and job.port is not None:
-            networks = topo.load_networks(session, {job.port.network_id})
-            network = networks.get(job.port.network_id)
+            network = self.networks.get(job.port.network_id)
             if network is None:
                 job.error = f"InvalidInput: network_id: network {job.port.network_id} is not known"
             else:
-                hosts = {job.port.host} | topo.all_ovn_chassis_hosts(session)
-                agents = topo.load_agents(session, hosts, job.occurred_at, self.settings.agent_down_time)
+                hosts = {job.port.host} | self.chassis_hosts
+                agents = topo.agents_at([r for r in self.agent_rows if r.host in hosts], job.occurred_at,
+                                        self.settings.agent_down_time)
                 original = OriginalBinding(**job.original) if job.original else None
                 try:
                     job.selection = manager_for(self.driver_config).bind_port(validated(job), network, agents,
@@ -274,12 +310,11 @@ class PortLockingHandler(StageHandler):
     ``bind`` job whose revision is no longer the port's is dropped as stale."""
 
     def handle(self, session: Session, items: list[BindingJob]) -> list[Publish]:
-        topo.lock_ports(session, sorted({j.port_id for j in items}))
+        self.locked = topo.lock_ports(session, sorted({j.port_id for j in items}))
         return super().handle(session, items)
 
-    @staticmethod
-    def is_stale(session: Session, job: BindingJob) -> bool:
-        row = session.get(PortRow, job.port_id)
+    def is_stale(self, job: BindingJob) -> bool:
+        row = self.locked.get(job.port_id)
         return job.action == "bind" and (row is None or row.revision != job.revision)
 
 
@@ -288,14 +323,25 @@ class AllocateHandler(PortLockingHandler):
 
     stage = "allocate"
 
+    def prepare(self, session: Session, items: list[BindingJob]) -> None:
+        self.networks = topo.load_networks(session, {j.port.network_id for j in items if j.port is not None})
+        self.holders = pci_store.device_holders(session, [j.port_id for j in items])
+        self.hosts = pci_store.HostCache(session)
+        self.hosts.lock({j.port.host for j in items if j.port is not None and j.selection is not None
+                         and j.selection.bound and validated(j).vnic_type in v.VNIC_TYPES_NEEDING_PCI})
+
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
-        if self.is_stale(session, job):
+        if self.is_stale(job):
             return []  # a newer event for this port is on its way
-        pci_store.release_port(session, job.port_id)
+        if job.port_id in self.holders:
+            pci_store.release_port(session, job.port_id, self.hosts)
         if job.action == "bind" and job.selection is not None and job.error is None:
-            network = topo.load_networks(session, {job.port.network_id})[job.port.network_id]
-            job.allocation = pci_store.allocate(session, validated(job), job.selection, network)
+            job.allocation = pci_store.allocate(session, validated(job), job.selection,
+                                                self.networks[job.port.network_id], self.hosts)
         return [hand_on(job, "compose")]
+
+    def finish(self, session: Session) -> None:
+        self.hosts.flush()
 
 
 class ComposeHandler(PortLockingHandler):
@@ -309,27 +355,25 @@ class ComposeHandler(PortLockingHandler):
                                                                       ResultRow.published_at.is_(None))))
         return [Publish.from_json(p) for p in previous if p["body"]["seq"] in unpublished]
 
+    def prepare(self, session: Session, items: list[BindingJob]) -> None:
+        self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, [j.port_id for j in items])}
+        self.results: list[tuple[ResultRow, BindingRow | None]] = []
+
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
-        if self.is_stale(session, job):
+        if self.is_stale(job):
             return []
-        results: list[BindingResult] = []
+        out: list[Publish | None] = []
         if job.old_host is not None:
-            session.execute(delete(BindingRow).where(BindingRow.port_id == job.port_id,
-                                                     BindingRow.host == job.old_host))
-            results.append(BindingResult(id=job.port_id, port_id=job.port_id, host=job.old_host,
-                                         vif_type=v.VIF_TYPE_UNBOUND, vif_details={}))
+            old = self.bindings.pop((job.port_id, job.old_host), None)
+            if old is not None:
+                session.delete(old)
+            out.append(self.add_result(session, job, BindingResult(
+                id=job.port_id, port_id=job.port_id, host=job.old_host, vif_type=v.VIF_TYPE_UNBOUND, vif_details={})))
         if job.action == "bind":
             result = self.compose(job)
-            if job.port.host:
-                self.store_binding(session, job, result)
-            results.append(result)
-        out = []
-        for result in results:
-            result.event_id = job.event_id
-            publish = self.add_result(session, result, job.occurred_at)
-            if publish is not None:
-                out.append(publish)
-        return out
+            binding = self.store_binding(session, job, result) if job.port.host else None
+            out.append(self.add_result(session, job, result, binding))
+        return [p for p in out if p is not None]
 
     def compose(self, job: BindingJob) -> BindingResult:
         if job.error is not None or job.selection is None:
@@ -337,10 +381,10 @@ class ComposeHandler(PortLockingHandler):
                                  vnic_type=job.vnic_type)
         return compose_result(job.port_id, validated(job), job.selection, job.allocation or AllocationDecision())
 
-    def store_binding(self, session: Session, job: BindingJob, result: BindingResult) -> None:
-        binding = session.get(BindingRow, (job.port_id, job.port.host))
+    def store_binding(self, session: Session, job: BindingJob, result: BindingResult) -> BindingRow:
+        binding = self.bindings.get((job.port_id, job.port.host))
         if binding is None:
-            binding = BindingRow(port_id=job.port_id, host=job.port.host)
+            binding = self.bindings[(job.port_id, job.port.host)] = BindingRow(port_id=job.port_id, host=job.port.host)
             session.add(binding)
         binding.status = v.BINDING_ACTIVE
         binding.vnic_type = job.vnic_type or v.VNIC_NORMAL
@@ -351,18 +395,29 @@ class ComposeHandler(PortLockingHandler):
         binding.event_id = job.event_id
         if result.dynamic_segments:
             topo.save_dynamic_segments(session, job.port.network_id, result.dynamic_segments)
+        return binding
 
-    def add_result(self, session: Session, result: BindingResult, occurred_at: datetime | None = None) -> Publish | None:
-        """Record the result; what to publish, or None for a port with no host (no one to tell)."""
-        row = ResultRow(event_id=result.event_id, port_id=result.port_id, host=result.host or "", body={})
+    def add_result(self, session: Session, job: BindingJob, result: BindingResult,
+                   binding: BindingRow | None = None) -> Publish | None:
+        """Record the result in the outbox; what to publish, or None for a port with no host (no one
+        to tell). Its ``seq`` is filled in by ``finish``, once the batch's rows are inserted."""
+        result.event_id = job.event_id
+        body = result.model_dump(mode="json")
+        row = ResultRow(event_id=job.event_id, port_id=job.port_id, host=result.host or "", body=body)
         session.add(row)
-        session.flush()
-        result.seq = row.seq
-        row.body = result.model_dump(mode="json")
+        self.results.append((row, binding))
         if not row.host:
             row.published_at = utcnow()
             return None
-        return Publish(RESULTS.name, host_routing_key(row.host), row.body, occurred_at)
+        return Publish(RESULTS.name, host_routing_key(row.host), body, job.occurred_at)
+
+    def finish(self, session: Session) -> None:
+        session.flush()  # one multi-row INSERT … RETURNING gives every result its seq
+        for row, binding in self.results:
+            row.body["seq"] = row.seq  # the very dict the Publish holds
+            flag_modified(row, "body")  # JSON columns do not track in-place changes
+            if binding is not None:
+                binding.result_seq = row.seq
 
 
 HANDLERS: dict[str, type[StageHandler]] = {

@@ -1,0 +1,173 @@
+"""Throughput of the whole pipeline on the real RabbitMQ and PostgreSQL, batched vs per-message.
+
+    .venv/bin/python scripts/benchmark.py [--ports 3000] [--modes batched,per-message] [--rounds 1]
+
+For each mode, in a fresh vhost and database: the topology is loaded, ``--ports`` port.create
+events are queued with the workers stopped, then one ``bindpipe worker STAGE`` process per stage
+is started and the clock runs until every port's result is published (every hop durable:
+persistent messages, publisher confirms, a committed transaction per batch). Modes run side by
+side in one invocation (alternating when ``--rounds`` > 1), so their ratio is meaningful on a
+noisy 2-core machine even when the absolute figures are not.
+
+Prints events/s per mode, the ratio to per-message handling, latency percentiles (event
+``occurred_at`` -> result committed) and each worker's peak RSS. Results of a run are kept in
+``benchmarks/RESULTS.md``.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from kombu import Connection
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.client import BindingClient  # noqa: E402
+from pipeline.db import create_schema, make_engine  # noqa: E402
+from pipeline.models.tables import EventLog, ResultRow  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.workers.topology import STAGES, declare_topology  # noqa: E402
+
+BROKER = os.environ.get("BINDPIPE_BENCH_BROKER", "amqp://guest:guest@127.0.0.1:5672")
+POSTGRES = os.environ.get("BINDPIPE_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+MODES = {"batched": {"BINDPIPE_BATCH_SIZE": "200", "BINDPIPE_BATCH_WAIT_MS": "5"},
+         "per-message": {"BINDPIPE_BATCH_SIZE": "1", "BINDPIPE_BATCH_WAIT_MS": "0", "BINDPIPE_PREFETCH": "1"}}
+OVS = {"agent_type": "Open vSwitch agent", "binary": "neutron-openvswitch-agent",
+       "configurations": {"bridge_mappings": {"physnet1": "br-ex"}, "tunnel_types": ["vxlan"],
+                          "integration_bridge": "br-int", "datapath_type": "system"}}
+SRIOV = {"agent_type": "NIC Switch agent", "binary": "neutron-sriov-nic-agent",
+         "configurations": {"device_mappings": {"physnet1": ["ens1f0"]}}}
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+def topology(client: BindingClient, hosts: int, sriov_hosts: int) -> list:
+    events = [client.envelope("network.upsert", {"id": "net-vxlan", "segments": [
+                  {"id": "seg-vxlan", "network_type": "vxlan", "segmentation_id": 5001}]}),
+              client.envelope("network.upsert", {"id": "net-vlan", "segments": [
+                  {"id": "seg-vlan", "network_type": "vlan", "physical_network": "physnet1", "segmentation_id": 101}]})]
+    for i in range(hosts):
+        events.append(client.envelope("agent.report", {**OVS, "host": f"cmp-{i}"}))
+    for i in range(sriov_hosts):
+        host = f"sriov-{i}"
+        events.append(client.envelope("agent.report", {**SRIOV, "host": host}))
+        devices = [{"address": "0000:81:00.0", "vendor_id": "8086", "product_id": "1572", "dev_type": "type-PF",
+                    "physical_network": "physnet1"}]
+        devices += [{"address": f"0000:81:{0x10 + j // 8:02x}.{j % 8}", "vendor_id": "8086", "product_id": "154c",
+                     "dev_type": "type-VF", "parent_addr": "0000:81:00.0", "physical_network": "physnet1"}
+                    for j in range(32)]
+        events.append(client.envelope("pci.inventory", {"host": host, "devices": devices}))
+    return events
+
+
+def ports(client: BindingClient, count: int, hosts: int, sriov_hosts: int) -> list:
+    """Four in five are OVS ports on a vxlan network, one in five an SR-IOV VF port (allocate)."""
+    events = []
+    for i in range(count):
+        if i % 5 == 4:
+            port = {"network_id": "net-vlan", "host": f"sriov-{i % sriov_hosts}", "vnic_type": "direct"}
+        else:
+            port = {"network_id": "net-vxlan", "host": f"cmp-{i % hosts}", "vnic_type": "normal"}
+        events.append(client.envelope("port.create", {"id": str(uuid.uuid4()), "profile": {}, **port}))
+    return events
+
+
+def count_where(engine, model, *criteria) -> int:  # noqa: ANN001
+    with Session(engine) as session:
+        return session.scalar(select(func.count()).select_from(model).where(*criteria)) or 0
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int) -> dict:
+    tag = f"bench{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", tag)
+    rabbitmqctl("set_permissions", "-p", tag, "guest", ".*", ".*", ".*")
+    with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as pg:
+        pg.execute(f'CREATE DATABASE "{tag}"')
+    broker, database = f"{BROKER}/{tag}", f"postgresql+psycopg://{POSTGRES.split('://', 1)[1]}/{tag}"
+    engine = make_engine(database)
+    create_schema(engine)
+    settings = Settings(broker_url=broker, database_url=database)
+    env = {**os.environ, "BINDPIPE_BROKER_URL": broker, "BINDPIPE_DATABASE_URL": database,
+           "BINDPIPE_LOG_FORMAT": "json", "BINDPIPE_DECLARE_TOPOLOGY": "false", **MODES[mode]}
+    bindpipe = str(Path(sys.executable).with_name("bindpipe"))
+    workers: dict[str, subprocess.Popen] = {}
+    try:
+        with BindingClient(settings=settings) as client:
+            declare_topology(client.connection, settings)
+            setup = topology(client, hosts, sriov_hosts)
+            client.publish_envelopes(setup)
+            backlog = ports(client, count, hosts, sriov_hosts)
+            for start in range(0, len(backlog), 500):
+                client.publish_envelopes(backlog[start:start + 500])
+        started = time.perf_counter()
+        workers = {stage: subprocess.Popen([bindpipe, "worker", stage], env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL) for stage in STAGES}
+        while count_where(engine, ResultRow, ResultRow.published_at.is_not(None)) < count:
+            if any(p.poll() is not None for p in workers.values()):
+                raise RuntimeError(f"a worker exited: { {s: p.returncode for s, p in workers.items()} }")
+            time.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        rss = {stage: round(peak_rss_mib(p.pid), 1) for stage, p in workers.items()}
+        with Session(engine) as session:
+            latencies = sorted((r.created_at - e.occurred_at).total_seconds() for r, e in session.execute(
+                select(ResultRow, EventLog).join(EventLog, EventLog.event_id == ResultRow.event_id)))
+    finally:
+        for process in workers.values():
+            process.terminate()
+        for process in workers.values():
+            process.wait(30)
+        engine.dispose()
+        with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as pg:
+            pg.execute(f'DROP DATABASE IF EXISTS "{tag}" WITH (FORCE)')
+        rabbitmqctl("delete_vhost", tag)
+    # the backlog was queued before the clock started: latency here is time spent queued + handled
+    return {"mode": mode, "events": count, "seconds": elapsed, "rate": count / elapsed,
+            "p50": statistics.median(latencies), "p99": latencies[int(0.99 * (len(latencies) - 1))],
+            "rss": rss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ports", type=int, default=3000)
+    parser.add_argument("--modes", default="batched,per-message")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--hosts", type=int, default=50)
+    parser.add_argument("--sriov-hosts", type=int, default=20)
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for round_number in range(args.rounds):
+        for mode in modes if round_number % 2 == 0 else reversed(modes):
+            result = run_mode(mode, args.ports, args.hosts, args.sriov_hosts)
+            runs[mode].append(result)
+            print(f"round {round_number + 1} {mode:<12} {result['events']} ports in {result['seconds']:.2f} s = "
+                  f"{result['rate']:.0f}/s  (latency p50 {result['p50']:.2f} s, p99 {result['p99']:.2f} s; "
+                  f"peak RSS MiB {result['rss']})", flush=True)
+    print(f"\nsummary ({args.ports} ports, 4 stage processes, {os.cpu_count()} cores, every hop durable):")
+    baseline = statistics.median(r["rate"] for r in runs.get("per-message", [])) if "per-message" in runs else None
+    for mode, results in runs.items():
+        rate = statistics.median(r["rate"] for r in results)
+        ratio = f"  x{rate / baseline:.1f} vs per-message" if baseline else ""
+        print(f"  {mode:<12} {rate:8.0f} bindings/s (median of {len(results)}){ratio}")
+
+
+if __name__ == "__main__":
+    main()
