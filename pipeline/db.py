@@ -8,6 +8,7 @@ They are bounded so a stalled batch never outlives the broker heartbeat.
 from collections.abc import Callable
 from typing import TypeVar
 
+import orjson
 import structlog
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -21,9 +22,15 @@ T = TypeVar("T")
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 
 
+def _json_text(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
 def make_engine(url: str) -> Engine:
+    """JSON columns are (de)serialized with orjson: the stages store a lot of JSON (marks, results)."""
+    json_options = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **json_options)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
@@ -34,7 +41,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **json_options)
 
 
 def create_schema(engine: Engine) -> None:

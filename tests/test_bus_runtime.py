@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.client import ResultTimeout
 from pipeline.models.binding import BindingResult
-from pipeline.models.tables import PciDeviceRow, ResultRow
+from pipeline.models.tables import PciDeviceRow, ResultRow, StageMark
 from pipeline.settings import Settings
 from pipeline.stages.pci_accounting import invariant_violations
 from pipeline.store.pci import tracker_for
@@ -139,7 +139,8 @@ def test_replay_of_events_allocates_nothing_twice_and_finishes_what_was_lost(set
             client.publish_envelopes(sriov_topology(client, hosts, vfs=4))
             client.publish_envelopes([client.envelope("port.create", port(f"p{i}", "sr-a")) for i in range(6)])
             with Connection(settings.broker_url) as connection:
-                wait_until(lambda: queue_depth(connection, "binding.allocate") == 6)
+                wait_until(lambda: marks(pg_engine, "select") == 6)
+                wait_until(lambda: queue_depth(connection, "binding.allocate") > 0)
                 connection.default_channel.queue_purge("binding.allocate")  # the hand-offs are lost
         with running_worker(settings, pg_engine), Connection(settings.broker_url) as connection:
             assert replay_events(pg_engine, BatchPublisher(connection), 1) == 1 + 2 + 6
@@ -151,6 +152,11 @@ def test_replay_of_events_allocates_nothing_twice_and_finishes_what_was_lost(set
     assert len(first_owners) == 4 and owners(pg_engine) == first_owners
     assert result_count(pg_engine) == 6
     no_pci_violations(pg_engine, hosts)
+
+
+def marks(engine, stage: str) -> int:  # noqa: ANN001
+    with Session(engine) as session:
+        return session.scalar(select(func.count()).select_from(StageMark).where(StageMark.stage == stage))
 
 
 def queue_depth(connection: Connection, name: str) -> int:

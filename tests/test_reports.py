@@ -60,8 +60,8 @@ class Pipeline:
     def send(self, kind: str, payload: dict, at: datetime, until: str = "compose") -> tuple[Envelope, list[BindingJob]]:
         """Publish an event and run it through the stages up to ``until``; the jobs still pending."""
         env = Envelope(event_id=uuid.uuid4(), event_type=kind, occurred_at=at, context=NOVA, payload=payload)
-        item = self.handlers["validate"].decode(json.dumps(env.model_dump(mode="json")).encode())
-        return env, self.run([item], "validate", until)
+        items = self.handlers["validate"].decode(json.dumps(env.model_dump(mode="json")).encode())
+        return env, self.run(items, "validate", until)
 
     def run(self, items: list, first: str, last: str = "compose") -> list[BindingJob]:
         for stage in STAGES[STAGES.index(first):STAGES.index(last) + 1]:

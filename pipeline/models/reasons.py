@@ -5,6 +5,7 @@ First matching rule wins (case-insensitive search in the text); a text that alre
 category maps to itself; anything else is "other".
 """
 
+import functools
 import re
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,7 @@ _REASON_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     ))
 
 
+@functools.lru_cache(maxsize=4096)
 def failure_reason_category(text: str) -> str:
     """The bounded ``reason`` label for a free-text decline or error (see the table above)."""
     if not text:

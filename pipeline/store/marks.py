@@ -15,10 +15,11 @@ def record_events(session: Session, envelopes: list[Envelope]) -> set[str]:
     if not envelopes:
         return set()
     dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
-    stmt = dialect.insert(EventLog).values([{
-        "event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at,
-        "received_at": utcnow(), "envelope": e.model_dump(mode="json")} for e in envelopes])
-    return set(session.scalars(stmt.on_conflict_do_nothing().returning(EventLog.event_id)))
+    stmt = dialect.insert(EventLog).on_conflict_do_nothing().returning(EventLog.event_id)
+    now = utcnow()
+    rows = [{"event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at,
+             "received_at": now, "envelope": e.model_dump(mode="json")} for e in envelopes]
+    return set(session.scalars(stmt, rows))  # executemany: one cached statement, batched VALUES
 
 
 def stored_outputs(session: Session, job_ids: list[str], stage: str) -> dict[str, list[Any]]:

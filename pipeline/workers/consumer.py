@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import structlog
 from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerProducerMixin
@@ -28,9 +29,9 @@ from pipeline.models.tables import DeadLetter, ResultRow
 from pipeline.observability import metrics
 from pipeline.settings import Settings
 from pipeline.workers.gauges import refresh_gauges
-from pipeline.workers.handlers import HANDLERS, PoisonMessage, Publish, StageHandler
+from pipeline.workers.handlers import HANDLERS, PoisonMessage, Publish, StageHandler, handoff_messages
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry
-from pipeline.workers.topology import RESULTS, check_topology, declare_topology, stage_queue
+from pipeline.workers.topology import DEAD_LETTERS, RESULTS, check_topology, declare_topology, stage_queue
 
 log = structlog.get_logger(__name__)
 GAUGE_INTERVAL = 5.0  # seconds between refreshes of the database-derived gauges
@@ -146,49 +147,87 @@ class Worker(ConsumerProducerMixin):
 
     # --- one batch ---
     def flush(self, buffer: StageBuffer) -> None:
+        """Handle the buffered deliveries as one batch; if that fails, each item alone. A message is
+        acked once all its items are handled, requeued if one met a transient error, and rejected
+        (to its DLQ) if it was poison; a poison item of a many-job hand-off is dead-lettered alone."""
         messages, buffer.messages = buffer.messages, []
         handler = buffer.handler
-        decoded: list[tuple[Message, Any]] = []
+        items: list[tuple[Message, Any]] = []
         for message in messages:
             try:
-                decoded.append((message, handler.decode(message.body)))
+                items += [(message, item) for item in handler.decode(message.body)]
             except PoisonMessage as poison:
                 self.dead_letter(handler.stage, message, poison)
             except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the worker
                 log.exception("undecodable message", stage=handler.stage)
                 self.dead_letter(handler.stage, message, PoisonMessage("other", f"{type(exc).__name__}: {exc}"))
-        if not decoded:
+        if not items:
             return
         try:
-            self.commit_and_publish(handler, decoded)
+            self.commit_and_publish(handler, [item for _, item in items])
         except self.connection.connection_errors:
             raise  # the mixin reconnects; unacked deliveries come back
         except Exception as exc:  # noqa: BLE001 - isolate the culprit below
-            if len(decoded) == 1:
-                self.fail_one(handler, *decoded[0], exc)
-                return
-            log.warning("batch failed, retrying one by one", stage=handler.stage, size=len(decoded),
-                        error=str(exc)[:200])
-            for pair in decoded:
-                try:
-                    self.commit_and_publish(handler, [pair])
-                except self.connection.connection_errors:
-                    raise
-                except Exception as single_exc:  # noqa: BLE001
-                    self.fail_one(handler, *pair, single_exc)
-
-    def commit_and_publish(self, handler: StageHandler, decoded: list[tuple[Message, Any]]) -> None:
-        started = time.perf_counter()
-        outputs = run_transaction(self.engine, lambda session: handler.handle(session, [d for _, d in decoded]))
-        self.publish(outputs)
-        for message, _ in decoded:
+            if len(items) > 1:
+                log.warning("batch failed, retrying one by one", stage=handler.stage, size=len(items),
+                            error=str(exc)[:200])
+                self.one_by_one(handler, items)
+            else:
+                message, item = items[0]
+                poison = self.failure(handler, item, exc)
+                if poison is None:
+                    message.requeue()
+                else:
+                    self.dead_letter(handler.stage, message, poison)
+            return
+        for message in dict.fromkeys(m for m, _ in items):
             message.ack()
-        self.handled += len(decoded)
-        self.observe(handler, len(decoded), time.perf_counter() - started, outputs)
+
+    def one_by_one(self, handler: StageHandler, items: list[tuple[Message, Any]]) -> None:
+        verdicts: dict[Message, list[tuple[str, Any, PoisonMessage | None]]] = {}
+        for message, item in items:
+            try:
+                self.commit_and_publish(handler, [item])
+                verdicts.setdefault(message, []).append(("ok", item, None))
+            except self.connection.connection_errors:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                poison = self.failure(handler, item, exc)
+                verdicts.setdefault(message, []).append(("requeue" if poison is None else "poison", item, poison))
+        for message, outcomes in verdicts.items():
+            if any(kind == "requeue" for kind, _, _ in outcomes):
+                message.requeue()  # the items already handled are recognised by their marks
+                continue
+            poisoned = [(item, poison) for kind, item, poison in outcomes if kind == "poison"]
+            if len(outcomes) == 1 and poisoned:
+                self.dead_letter(handler.stage, message, poisoned[0][1])
+                continue
+            for item, poison in poisoned:
+                self.dead_letter_item(handler, item, poison)
+            message.ack()
+
+    def failure(self, handler: StageHandler, item: Any, exc: Exception) -> PoisonMessage | None:
+        """What a failed item is: None when a retry may cure it (transient), else the poison."""
+        if isinstance(exc, PoisonMessage):
+            return exc
+        if is_transient(exc):
+            log.warning("transient failure, will be retried", stage=handler.stage, error=str(exc)[:200])
+            metrics.STAGE_MESSAGES.labels(stage=handler.stage, outcome="retried").inc()
+            return None
+        log.exception("handler failed", stage=handler.stage)
+        ids = handler.log_context(item)
+        return PoisonMessage("other", f"{type(exc).__name__}: {exc}", ids.get("event_id"), ids.get("port_id"))
+
+    def commit_and_publish(self, handler: StageHandler, items: list[Any]) -> None:
+        started = time.perf_counter()
+        outputs = run_transaction(self.engine, lambda session: handler.handle(session, items))
+        self.publish(outputs)
+        self.handled += len(items)
+        self.observe(handler, len(items), time.perf_counter() - started, outputs)
 
     def publish(self, outputs: list[Publish]) -> None:
         try:
-            self.publisher.publish((out.exchange, out.routing_key, out.body) for out in outputs)
+            self.publisher.publish(handoff_messages(outputs))
         except Exception:
             self.drop_publisher()  # its channel may be unusable; the next batch opens a fresh one
             raise
@@ -205,33 +244,30 @@ class Worker(ConsumerProducerMixin):
         now = datetime.now(UTC)
         for out in outputs:
             if out.exchange == RESULTS.name:
-                report_result(BindingResult.model_validate(out.body), out.occurred_at, now)
-
-    def fail_one(self, handler: StageHandler, message: Message, item: Any, exc: Exception) -> None:
-        if isinstance(exc, PoisonMessage):
-            self.dead_letter(handler.stage, message, exc)
-        elif is_transient(exc):
-            log.warning("transient failure, message requeued", stage=handler.stage, error=str(exc)[:200])
-            metrics.STAGE_MESSAGES.labels(stage=handler.stage, outcome="retried").inc()
-            message.requeue()
-        else:
-            log.exception("handler failed", stage=handler.stage)
-            ids = handler.log_context(item)
-            self.dead_letter(handler.stage, message, PoisonMessage(
-                "other", f"{type(exc).__name__}: {exc}", ids.get("event_id"), ids.get("port_id")))
+                report_result(out.result or BindingResult.model_validate(out.body), out.occurred_at, now)
 
     def dead_letter(self, stage: str, message: Message, poison: PoisonMessage) -> None:
         """Record why, then reject without requeue: RabbitMQ routes it to the stage's DLQ."""
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        self.record_dead_letter(stage, body.decode("utf-8", errors="replace"), poison)
+        message.reject(requeue=False)
+
+    def dead_letter_item(self, handler: StageHandler, item: Any, poison: PoisonMessage) -> None:
+        """One poison job of a many-job hand-off: recorded, and sent to the stage's DLQ on its own
+        (its neighbours were handled and the message is acked)."""
+        body = item.model_dump(mode="json")
+        self.publisher.publish([(DEAD_LETTERS.name, handler.stage, body)])
+        self.record_dead_letter(handler.stage, orjson.dumps(body).decode(), poison)
+
+    def record_dead_letter(self, stage: str, body: str, poison: PoisonMessage) -> None:
         row = DeadLetter(stage=stage, reason=f"{poison.category}: {poison.reason}", event_id=poison.event_id,
-                         port_id=poison.port_id, body=body.decode("utf-8", errors="replace")[:65536])
+                         port_id=poison.port_id, body=body[:65536])
         run_transaction(self.engine, lambda session: session.add(row))
         log.warning("dead-lettered", stage=stage, reason=row.reason, event_id=poison.event_id,
                     port_id=poison.port_id)
         metrics.DEAD_LETTERS.labels(stage=stage, reason=metrics.bounded(poison.category,
                                                                         metrics.DEAD_LETTER_REASONS)).inc()
         metrics.STAGE_MESSAGES.labels(stage=stage, outcome="dead_lettered").inc()
-        message.reject(requeue=False)
 
 
 def mark_published(engine: Engine, seqs: list[int]) -> None:
@@ -249,7 +285,7 @@ def reason_category(result: BindingResult) -> str:
 def report_result(result: BindingResult, occurred_at: datetime | None, now: datetime) -> None:
     """One INFO line and the outcome metrics for a published binding result."""
     outcome = result.outcome
-    reason = result.reason
+    reason = result.reason if outcome != "bound" else ""
     log.info("binding outcome", port_id=result.port_id, host=result.host, event_id=result.event_id,
              outcome=outcome, vif_type=result.vif_type, reason=reason or None, seq=result.seq)
     metrics.BINDINGS.labels(vif_type=result.vif_type or "none", outcome=outcome).inc()

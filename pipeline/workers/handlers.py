@@ -6,7 +6,7 @@ stage's mark for the job, so a redelivered message re-publishes what was handed 
 changes nothing.
 """
 
-import json
+import orjson
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -49,6 +49,7 @@ class Publish:
     routing_key: str
     body: dict[str, Any]
     occurred_at: datetime | None = field(default=None, compare=False)  # of the event, for the latency metric
+    result: BindingResult | None = field(default=None, compare=False)  # what ``body`` holds, for logs and metrics
 
     def as_json(self) -> dict[str, Any]:
         return {"exchange": self.exchange, "routing_key": self.routing_key, "body": self.body}
@@ -68,8 +69,8 @@ def decode_json(body: bytes | str, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise PoisonMessage("not_utf8", f"body is not UTF-8: {exc}") from None
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        return orjson.loads(text)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
         raise PoisonMessage("bad_json", f"body is not JSON: {exc}") from None
 
 
@@ -93,11 +94,42 @@ def decode_envelope(body: bytes, max_bytes: int) -> Envelope:
         raise PoisonMessage("bad_schema", f"{where}: {detail['msg']}", str(event_id), port_id) from None
 
 
-def decode_job(body: bytes, max_bytes: int) -> BindingJob:
-    try:
-        return BindingJob.model_validate(decode_json(body, max_bytes))
-    except ValidationError as exc:
-        raise PoisonMessage("bad_schema", f"not a binding job: {exc.errors()[0]['msg']}") from None
+HANDOFF_JOBS = 50  # jobs per hand-off message between stages
+HANDOFF_MAX_BYTES = 16 * 1024 * 1024  # hand-offs come from our own workers: bounded, but generously
+
+
+def decode_jobs(body: bytes | str) -> list[BindingJob]:
+    """A hand-off message: ``{"jobs": [job, ...]}`` (or one bare job)."""
+    data = decode_json(body, HANDOFF_MAX_BYTES)
+    jobs = data.get("jobs") if isinstance(data, dict) and "jobs" in data else [data]
+    if not isinstance(jobs, list) or not jobs:
+        raise PoisonMessage("bad_schema", "a hand-off holds a non-empty list of jobs under 'jobs'")
+    decoded = []
+    for number, job in enumerate(jobs):
+        try:
+            decoded.append(BindingJob.model_validate(job))
+        except ValidationError as exc:
+            ids = job.get("job_id", "") if isinstance(job, dict) else ""
+            event_id, _, port_id = str(ids).partition(":")
+            raise PoisonMessage("bad_schema", f"job {number} is not a binding job: {exc.errors()[0]['msg']}",
+                                event_id or None, port_id or None) from None
+    return decoded
+
+
+def handoff_messages(outputs: list["Publish"]) -> list[tuple[str, str, dict[str, Any]]]:
+    """What to send for a batch's outputs: results one by one (each host reads its own), hand-offs
+    to the next stage grouped ``HANDOFF_JOBS`` to a message — one publish for many jobs."""
+    messages: list[tuple[str, str, dict[str, Any]]] = []
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for out in outputs:
+        if out.exchange == STAGE_EXCHANGE.name:
+            grouped.setdefault((out.exchange, out.routing_key), []).append(out.body)
+        else:
+            messages.append((out.exchange, out.routing_key, out.body))
+    for (exchange, routing_key), jobs in grouped.items():
+        messages += [(exchange, routing_key, {"jobs": jobs[i:i + HANDOFF_JOBS]})
+                     for i in range(0, len(jobs), HANDOFF_JOBS)]
+    return messages
 
 
 def validated(job: BindingJob) -> ValidatedRequest:
@@ -117,8 +149,9 @@ class StageHandler:
         self.driver_config: DriverConfig = settings.driver_config()
         self.duplicates = 0
 
-    def decode(self, body: bytes) -> Any:
-        return decode_job(body, self.settings.max_body_bytes)
+    def decode(self, body: bytes | str) -> list[Any]:
+        """The items a message holds (a hand-off holds many jobs)."""
+        return decode_jobs(body)
 
     def handle(self, session: Session, items: list[Any]) -> list[Publish]:
         """Handle a batch; ``self.duplicates`` counts the items that were handled before.
@@ -174,8 +207,8 @@ class ValidateHandler(StageHandler):
 
     stage = "validate"
 
-    def decode(self, body: bytes) -> Envelope:
-        return decode_envelope(body, self.settings.max_body_bytes)
+    def decode(self, body: bytes | str) -> list[Envelope]:
+        return [decode_envelope(body, self.settings.max_body_bytes)]
 
     def key(self, item: Envelope) -> str:
         return str(item.event_id)
@@ -357,7 +390,7 @@ class ComposeHandler(PortLockingHandler):
 
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
         self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, [j.port_id for j in items])}
-        self.results: list[tuple[ResultRow, BindingRow | None]] = []
+        self.results: list[tuple[ResultRow, BindingRow | None, BindingResult]] = []
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if self.is_stale(job):
@@ -405,16 +438,16 @@ class ComposeHandler(PortLockingHandler):
         body = result.model_dump(mode="json")
         row = ResultRow(event_id=job.event_id, port_id=job.port_id, host=result.host or "", body=body)
         session.add(row)
-        self.results.append((row, binding))
+        self.results.append((row, binding, result))
         if not row.host:
             row.published_at = utcnow()
             return None
-        return Publish(RESULTS.name, host_routing_key(row.host), body, job.occurred_at)
+        return Publish(RESULTS.name, host_routing_key(row.host), body, job.occurred_at, result)
 
     def finish(self, session: Session) -> None:
         session.flush()  # one multi-row INSERT … RETURNING gives every result its seq
-        for row, binding in self.results:
-            row.body["seq"] = row.seq  # the very dict the Publish holds
+        for row, binding, result in self.results:
+            row.body["seq"] = result.seq = row.seq  # the very dict the Publish holds
             flag_modified(row, "body")  # JSON columns do not track in-place changes
             if binding is not None:
                 binding.result_seq = row.seq

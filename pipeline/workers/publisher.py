@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import structlog
 from kombu import Connection, Producer
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -54,7 +55,8 @@ class BatchPublisher:
             self.sent += 1
             if self.confirms:
                 self.pending.add(self.sent)  # before publishing: its ack may be read while we publish
-            self.producer.publish(body, exchange=exchange, routing_key=routing_key, serializer="json",
+            self.producer.publish(orjson.dumps(body), exchange=exchange, routing_key=routing_key,
+                                  content_type="application/json", content_encoding="utf-8",
                                   delivery_mode=2, headers=headers)
             count += 1
         if self.confirms and count:
