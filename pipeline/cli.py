@@ -46,10 +46,13 @@ def _engine(settings):  # noqa: ANN001, ANN202
 def _publisher(settings):  # noqa: ANN001, ANN202
     from kombu import Connection
 
+    from functools import partial
+
     from pipeline.workers.publisher import BatchPublisher, connect_with_retry
+    from pipeline.workers.signing import signing_headers
 
     connection = connect_with_retry(Connection(settings.broker_url, ssl=settings.broker_ssl_options()), 60)
-    return BatchPublisher(connection)
+    return BatchPublisher(connection, sign=partial(signing_headers, settings))
 
 
 @app.command("dry-run")

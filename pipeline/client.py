@@ -22,6 +22,7 @@ always with the same ``seq`` and body, so a consumer drops a ``seq`` it has alre
 
 import time
 import uuid
+from functools import partial
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from pipeline.models.binding import RequestContext
 from pipeline.models.events import Envelope
 from pipeline.settings import Settings
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry
+from pipeline.workers.signing import signing_headers
 from pipeline.workers.topology import EVENTS, RESULTS, host_routing_key, results_queue
 
 
@@ -99,7 +101,7 @@ class BindingClient:
     @property
     def publisher(self) -> BatchPublisher:
         if self._publisher is None:
-            self._publisher = BatchPublisher(self.connection)
+            self._publisher = BatchPublisher(self.connection, sign=partial(signing_headers, self.settings))
         return self._publisher
 
     def envelope(self, event_type: str, payload: dict[str, Any], *, event_id: uuid.UUID | None = None,

@@ -33,8 +33,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     agent_down_time: int = Field(75, ge=1, description="seconds without heartbeat before an agent is dead")
     heartbeat: int = Field(30, ge=0, description="AMQP heartbeat in seconds")
-    signing_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    signing_keys: dict[str, SecretStr] = Field(default_factory=dict, description="key id -> HMAC secret")
     require_signatures: bool = False
+    signing_key_id: str | None = Field(None, description="the key this process signs what it publishes with")
     declare_topology: bool = Field(True, description="declare exchanges and queues at start; false for a "
                                    "least-privilege broker user (the definitions file declares them)")
     broker_tls: bool = False

@@ -21,6 +21,7 @@ import structlog
 from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerProducerMixin
 from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session
 
 from pipeline.db import is_transient, run_transaction
 from pipeline.models.binding import BindingResult
@@ -29,7 +30,7 @@ from pipeline.models.tables import DeadLetter, ResultRow
 from pipeline.observability import metrics
 from pipeline.settings import Settings
 from pipeline.workers.gauges import refresh_gauges
-from pipeline.workers.handlers import HANDLERS, PoisonMessage, Publish, StageHandler, handoff_messages
+from pipeline.workers.handlers import HANDLERS, PoisonMessage, Publish, StageHandler, handoff_messages, refusal
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry
 from pipeline.workers.topology import DEAD_LETTERS, RESULTS, check_topology, declare_topology, stage_queue
 
@@ -155,7 +156,7 @@ class Worker(ConsumerProducerMixin):
         items: list[tuple[Message, Any]] = []
         for message in messages:
             try:
-                items += [(message, item) for item in handler.decode(message.body)]
+                items += [(message, item) for item in handler.decode(message.body, message.headers)]
             except PoisonMessage as poison:
                 self.dead_letter(handler.stage, message, poison)
             except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the worker
@@ -260,9 +261,17 @@ class Worker(ConsumerProducerMixin):
         self.record_dead_letter(handler.stage, orjson.dumps(body).decode(), poison)
 
     def record_dead_letter(self, stage: str, body: str, poison: PoisonMessage) -> None:
+        """The dead letter, and for a refused event naming a port a ``binding_failed`` result."""
         row = DeadLetter(stage=stage, reason=f"{poison.category}: {poison.reason}", event_id=poison.event_id,
                          port_id=poison.port_id, body=body[:65536])
-        run_transaction(self.engine, lambda session: session.add(row))
+
+        def record(session: Session) -> Publish | None:
+            session.add(row)
+            return refusal(session, poison) if stage == "validate" else None
+
+        result = run_transaction(self.engine, record)
+        if result is not None:
+            self.publish([result])
         log.warning("dead-lettered", stage=stage, reason=row.reason, event_id=poison.event_id,
                     port_id=poison.port_id)
         metrics.DEAD_LETTERS.labels(stage=stage, reason=metrics.bounded(poison.category,

@@ -32,15 +32,18 @@ from pipeline.stages.validation import ValidatedRequest, validate_request
 from pipeline.store import pci as pci_store
 from pipeline.store import topology as topo
 from pipeline.store.marks import add_marks, record_events, stored_outputs
+from pipeline.workers.signing import check_signature
 from pipeline.workers.topology import RESULTS, STAGE_EXCHANGE, host_routing_key
 
 
 class PoisonMessage(Exception):
-    """A message no retry can fix: dead-lettered at once, with ``category`` and a specific reason."""
+    """A message no retry can fix: dead-lettered at once, with ``category`` and a specific reason
+    (and the event, port and host it names, when they could be read)."""
 
-    def __init__(self, category: str, reason: str, event_id: str | None = None, port_id: str | None = None):
+    def __init__(self, category: str, reason: str, event_id: str | None = None, port_id: str | None = None,
+                 host: str | None = None):
         super().__init__(reason)
-        self.category, self.reason, self.event_id, self.port_id = category, reason, event_id, port_id
+        self.category, self.reason, self.event_id, self.port_id, self.host = category, reason, event_id, port_id, host
 
 
 @dataclass(frozen=True)
@@ -74,24 +77,31 @@ def decode_json(body: bytes | str, max_bytes: int) -> Any:
         raise PoisonMessage("bad_json", f"body is not JSON: {exc}") from None
 
 
-def decode_envelope(body: bytes, max_bytes: int) -> Envelope:
+def _named(value: Any, limit: int = 64) -> str | None:
+    """An id read from a message that failed validation, if it is a plausible one."""
+    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+
+def decode_envelope(body: bytes | str, max_bytes: int) -> Envelope:
     data = decode_json(body, max_bytes)
     if not isinstance(data, dict):
         raise PoisonMessage("bad_schema", f"envelope must be a JSON object, not {type(data).__name__}")
-    event_id = data.get("event_id")
-    payload = data.get("payload")
-    port_id = payload.get("id") or payload.get("port_id") if isinstance(payload, dict) else None
+    event_id = _named(str(data.get("event_id") or "")) if data.get("event_id") else None
+    payload = data.get("payload") if isinstance(data.get("payload"), dict) else {}
+    is_port_event = str(data.get("event_type", "")).startswith(("port.", "binding."))
+    port_id = _named(payload.get("id") or payload.get("port_id")) if is_port_event else None
+    host = _named(payload.get("host"), 255) if is_port_event else None
     if not event_id:
-        raise PoisonMessage("missing_event_id", "envelope has no event_id", port_id=port_id)
+        raise PoisonMessage("missing_event_id", "envelope has no event_id", port_id=port_id, host=host)
     if data.get("event_type") not in PAYLOAD_MODELS:
-        raise PoisonMessage("unknown_event_type", f"unknown event_type {data.get('event_type')!r}",
-                            str(event_id), port_id)
+        raise PoisonMessage("unknown_event_type", f"unknown event_type {data.get('event_type')!r}"[:300],
+                            event_id, port_id, host)
     try:
         return Envelope.model_validate(data)
     except (ValidationError, RecursionError) as exc:
         detail = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in detail["loc"])
-        raise PoisonMessage("bad_schema", f"{where}: {detail['msg']}", str(event_id), port_id) from None
+        raise PoisonMessage("bad_schema", f"{where}: {detail['msg']}"[:500], event_id, port_id, host) from None
 
 
 HANDOFF_JOBS = 50  # jobs per hand-off message between stages
@@ -149,7 +159,7 @@ class StageHandler:
         self.driver_config: DriverConfig = settings.driver_config()
         self.duplicates = 0
 
-    def decode(self, body: bytes | str) -> list[Any]:
+    def decode(self, body: bytes | str, headers: dict[str, Any] | None = None) -> list[Any]:
         """The items a message holds (a hand-off holds many jobs)."""
         return decode_jobs(body)
 
@@ -207,7 +217,9 @@ class ValidateHandler(StageHandler):
 
     stage = "validate"
 
-    def decode(self, body: bytes | str) -> list[Envelope]:
+    def decode(self, body: bytes | str, headers: dict[str, Any] | None = None) -> list[Envelope]:
+        """The envelope, after its signature is checked (before anything is stored)."""
+        check_signature(body, headers or {}, self.settings)
         return [decode_envelope(body, self.settings.max_body_bytes)]
 
     def key(self, item: Envelope) -> str:
@@ -432,17 +444,12 @@ class ComposeHandler(PortLockingHandler):
 
     def add_result(self, session: Session, job: BindingJob, result: BindingResult,
                    binding: BindingRow | None = None) -> Publish | None:
-        """Record the result in the outbox; what to publish, or None for a port with no host (no one
-        to tell). Its ``seq`` is filled in by ``finish``, once the batch's rows are inserted."""
+        """Record the result in the outbox; what to publish (see ``outbox``). Its ``seq`` is filled
+        in by ``finish``, once the batch's rows are inserted."""
         result.event_id = job.event_id
-        body = result.model_dump(mode="json")
-        row = ResultRow(event_id=job.event_id, port_id=job.port_id, host=result.host or "", body=body)
-        session.add(row)
+        row, publish = outbox(session, result, job.occurred_at)
         self.results.append((row, binding, result))
-        if not row.host:
-            row.published_at = utcnow()
-            return None
-        return Publish(RESULTS.name, host_routing_key(row.host), body, job.occurred_at, result)
+        return publish
 
     def finish(self, session: Session) -> None:
         session.flush()  # one multi-row INSERT … RETURNING gives every result its seq
@@ -451,6 +458,35 @@ class ComposeHandler(PortLockingHandler):
             flag_modified(row, "body")  # JSON columns do not track in-place changes
             if binding is not None:
                 binding.result_seq = row.seq
+
+
+def outbox(session: Session, result: BindingResult, occurred_at: datetime | None) -> tuple[ResultRow, Publish | None]:
+    """A result row in the outbox, and what to publish: nothing for a port with no host (no one to
+    tell; the row is only kept for ``explain``)."""
+    body = result.model_dump(mode="json")
+    row = ResultRow(event_id=result.event_id or "", port_id=result.port_id, host=result.host or "", body=body)
+    session.add(row)
+    if not row.host:
+        row.published_at = utcnow()
+        return row, None
+    return row, Publish(RESULTS.name, host_routing_key(row.host), body, occurred_at, result)
+
+
+def refusal(session: Session, poison: PoisonMessage) -> Publish | None:
+    """For a refused event that names a port: a ``binding_failed`` result with the reason, for the
+    port's host (the one the event names, else the stored one)."""
+    if poison.port_id is None:
+        return None
+    port = session.get(PortRow, poison.port_id)
+    host = poison.host or (port.host if port is not None else "")
+    result = BindingResult(id=poison.port_id, port_id=poison.port_id, host=host, event_id=poison.event_id,
+                           vif_type=v.VIF_TYPE_BINDING_FAILED, vif_details={},
+                           error=f"Refused: {poison.category}: {poison.reason}")
+    row, publish = outbox(session, result, None)
+    session.flush()
+    row.body["seq"] = result.seq = row.seq
+    flag_modified(row, "body")
+    return publish
 
 
 HANDLERS: dict[str, type[StageHandler]] = {

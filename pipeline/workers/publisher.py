@@ -8,7 +8,7 @@ recognise a re-published message by its stage mark).
 """
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -24,8 +24,11 @@ class PublishNotConfirmed(Exception):
 
 
 class BatchPublisher:
-    def __init__(self, connection: Connection, confirm_timeout: float = 10.0):
+    def __init__(self, connection: Connection, confirm_timeout: float = 10.0,
+                 sign: Callable[[bytes], dict[str, Any] | None] | None = None):
+        """``sign``: headers that sign a body (see ``pipeline.workers.signing``), for event publishers."""
         self.connection = connection
+        self.sign = sign
         self.channel = connection.channel()
         self.producer = Producer(self.channel)
         self.confirm_timeout = confirm_timeout
@@ -55,9 +58,11 @@ class BatchPublisher:
             self.sent += 1
             if self.confirms:
                 self.pending.add(self.sent)  # before publishing: its ack may be read while we publish
-            self.producer.publish(orjson.dumps(body), exchange=exchange, routing_key=routing_key,
+            data = orjson.dumps(body)
+            signed = self.sign(data) if self.sign else None
+            self.producer.publish(data, exchange=exchange, routing_key=routing_key,
                                   content_type="application/json", content_encoding="utf-8",
-                                  delivery_mode=2, headers=headers)
+                                  delivery_mode=2, headers={**(headers or {}), **(signed or {})} or None)
             count += 1
         if self.confirms and count:
             self._wait_for_confirms()

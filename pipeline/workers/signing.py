@@ -1,0 +1,53 @@
+"""Optional HMAC signing of envelopes, with a key per publisher.
+
+A publisher signs the exact bytes it publishes: header ``x-bindpipe-key-id`` names its key and
+``x-bindpipe-signature`` carries ``hex(HMAC-SHA256(key, body))``. The validate stage checks it
+before the body is even parsed: a bad signature, an unknown key, or (with
+``BINDPIPE_REQUIRE_SIGNATURES=true``) a missing one makes the message poison — dead-lettered,
+never stored. Keys come from ``BINDPIPE_SIGNING_KEYS`` (JSON ``{"key-id": "secret", …}``); a
+process that publishes (a client, a replay) signs with ``BINDPIPE_SIGNING_KEY_ID``.
+"""
+
+import hashlib
+import hmac
+from typing import Any
+
+from pipeline.settings import Settings
+
+KEY_ID_HEADER = "x-bindpipe-key-id"
+SIGNATURE_HEADER = "x-bindpipe-signature"
+
+
+def _bytes(body: bytes | str) -> bytes:
+    return body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+
+
+def signature(secret: str, body: bytes | str) -> str:
+    return hmac.new(secret.encode(), _bytes(body), hashlib.sha256).hexdigest()
+
+
+def signing_headers(settings: Settings, body: bytes) -> dict[str, Any] | None:
+    """The headers that sign ``body`` with this process's key, or None when it has none."""
+    key_id = settings.signing_key_id
+    if key_id is None:
+        return None
+    secret = settings.signing_keys.get(key_id)
+    if secret is None:
+        raise ValueError(f"BINDPIPE_SIGNING_KEY_ID {key_id!r} is not one of BINDPIPE_SIGNING_KEYS")
+    return {KEY_ID_HEADER: key_id, SIGNATURE_HEADER: signature(secret.get_secret_value(), body)}
+
+
+def check_signature(body: bytes | str, headers: dict[str, Any], settings: Settings) -> None:
+    """Raise ``PoisonMessage("bad_signature", …)`` unless the body is acceptably signed."""
+    from pipeline.workers.handlers import PoisonMessage
+
+    key_id, given = headers.get(KEY_ID_HEADER), headers.get(SIGNATURE_HEADER)
+    if key_id is None and given is None:
+        if settings.require_signatures:
+            raise PoisonMessage("bad_signature", "unsigned event, and signatures are required")
+        return
+    secret = settings.signing_keys.get(str(key_id))
+    if secret is None:
+        raise PoisonMessage("bad_signature", f"unknown signing key {str(key_id)[:64]!r}")
+    if not isinstance(given, str) or not hmac.compare_digest(given, signature(secret.get_secret_value(), body)):
+        raise PoisonMessage("bad_signature", f"signature does not match the body (key {key_id!r})")

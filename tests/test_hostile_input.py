@@ -1,0 +1,155 @@
+"""Hostile and forged input on the real RabbitMQ and PostgreSQL: every bad message ends after one
+delivery with a recorded reason (and a binding_failed result where it names a port), good events
+behind it are not held up, signatures are enforced, and forged contexts cannot write profiles."""
+
+import json
+import uuid
+
+import pytest
+from kombu import Connection, Producer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline.client import BindingClient
+from pipeline.models.binding import RequestContext
+from pipeline.models.tables import DeadLetter, ResultRow
+from pipeline.settings import Settings
+from pipeline.workers.signing import KEY_ID_HEADER, SIGNATURE_HEADER, signature
+from tests.bus import bus_client, running_worker, wait_until
+from tests.factories import OVS_AGENT, VLAN_SEGMENT, agent
+
+pytestmark = pytest.mark.services
+NETWORK = {"id": "net-1", "segments": [VLAN_SEGMENT]}
+
+
+def envelope(event_type: str, payload: object, **fields: object) -> dict:
+    return {"event_id": str(uuid.uuid4()), "event_type": event_type, "occurred_at": "2026-11-23T10:00:00Z",
+            "context": {"roles": ["service"]}, "payload": payload, **fields}
+
+
+def deeply_nested_profile(port: dict, depth: int = 2000) -> bytes:
+    """An envelope whose profile nests ``depth`` objects (beyond what any JSON parser here takes)."""
+    text = json.dumps(envelope("port.create", {**port, "profile": "PROFILE"}))
+    return text.replace('"PROFILE"', '{"x":' * depth + "{}" + "}" * depth).encode()
+
+
+def hostile_messages() -> list[tuple[str, bytes, str, str | None]]:
+    """(name, body, expected dead-letter category, port id of the refused event or None)."""
+    port = {"id": "hp1", "network_id": "net-1", "host": "h1", "vnic_type": "normal"}
+    no_id = envelope("port.create", port)
+    del no_id["event_id"]
+    return [
+        ("bad json", b'{"event_id": "x", "event_type": ', "bad_json", None),
+        ("not utf-8", b'{"event_id": "\xff\xfe"}', "not_utf8", None),
+        ("not an object", b"[1, 2, 3]", "bad_schema", None),
+        ("unknown type", json.dumps(envelope("port.explode", port)).encode(), "unknown_event_type", "hp1"),
+        ("wrong schema", json.dumps(envelope("port.create", {**port, "id": "hp2", "network_id": 7})).encode(),
+         "bad_schema", "hp2"),
+        ("missing event_id", json.dumps(no_id).encode(), "missing_event_id", "hp1"),
+        ("oversized", json.dumps(envelope("port.create", {**port, "id": "hp3", "junk": "x" * 70_000})).encode(),
+         "too_large", None),
+        ("deeply nested", deeply_nested_profile({**port, "id": "hp4"}), "bad_json", None),
+        ("bad event_id", json.dumps(envelope("port.create", {**port, "id": "hp5"}, event_id="not-a-uuid")).encode(),
+         "bad_schema", "hp5"),
+    ]
+
+
+@pytest.fixture
+def settings(pg_url, amqp_url) -> Settings:
+    return Settings(broker_url=amqp_url, database_url=pg_url, batch_wait_ms=2)
+
+
+def dead_letters(engine) -> list[DeadLetter]:  # noqa: ANN001
+    with Session(engine) as session:
+        return list(session.scalars(select(DeadLetter).order_by(DeadLetter.id)))
+
+
+def test_hostile_messages_end_after_one_delivery_and_do_not_hold_up_others(settings, pg_engine):
+    hostile = hostile_messages() * 5
+    with bus_client(settings) as client, running_worker(settings, pg_engine), \
+            Connection(settings.broker_url) as raw, client.results_for("h1") as results:
+        client.publish_envelopes([client.envelope("network.upsert", NETWORK),
+                                  client.envelope("agent.report", agent(OVS_AGENT, host="h1"))])
+        producer = Producer(raw.channel())
+        good = []
+        for number, (_, body, _, _) in enumerate(hostile):
+            producer.publish(body, exchange="binding.events", routing_key="port.create",
+                             content_type="application/json", content_encoding="binary", delivery_mode=2)
+            good.append(client.publish("port.create", {"id": f"good-{number}", "network_id": "net-1",
+                                                       "host": "h1", "vnic_type": "normal"}))
+        bound = [results.wait(port_id=f"good-{n}", timeout=30) for n in range(len(good))]
+        wait_until(lambda: len(dead_letters(pg_engine)) >= len(hostile))
+        dlq = raw.default_channel.queue_declare("binding.validate.dlq", passive=True).message_count
+        refused = {port_id: results.wait(port_id=port_id, timeout=10) for _, _, _, port_id in hostile if port_id}
+
+    assert {r["vif_type"] for r in bound} == {"ovs"}
+    letters = dead_letters(pg_engine)
+    assert len(letters) == len(hostile) == dlq, "each hostile message dead-lettered exactly once"
+    assert [d.reason.split(":")[0] for d in letters] == [category for _, _, category, _ in hostile]
+    assert all(d.stage == "validate" and len(d.reason) > len(d.reason.split(":")[0]) + 2 for d in letters)
+    for port_id, result in refused.items():
+        assert result["vif_type"] == "binding_failed" and result["error"].startswith("Refused: ")
+        assert result["host"] == "h1" and result["seq"] is not None, port_id
+
+
+def test_signatures_are_required_and_checked(pg_url, amqp_url, pg_engine):
+    keys = {"nova": "nova-secret-value", "other": "other-secret-value"}
+    worker_settings = Settings(broker_url=amqp_url, database_url=pg_url, signing_keys=keys,
+                               require_signatures=True, batch_wait_ms=2)
+    nova = Settings(broker_url=amqp_url, database_url=pg_url, signing_keys=keys, signing_key_id="nova")
+    port = {"id": "p1", "network_id": "net-1", "host": "h1", "vnic_type": "normal"}
+    with running_worker(worker_settings, pg_engine), bus_client(nova) as signed, \
+            Connection(amqp_url) as raw, signed.results_for("h1") as results:
+        signed.publish_envelopes([signed.envelope("network.upsert", NETWORK),
+                                  signed.envelope("agent.report", agent(OVS_AGENT, host="h1"))])
+        producer = Producer(raw.channel())
+        body = json.dumps(envelope("port.create", {**port, "id": "unsigned"})).encode()
+        tampered = json.dumps(envelope("port.create", {**port, "id": "tampered"})).encode()
+        sent = [
+            (body, {}),
+            (body, {KEY_ID_HEADER: "nova", SIGNATURE_HEADER: signature("wrong-secret", body)}),
+            (body, {KEY_ID_HEADER: "stranger", SIGNATURE_HEADER: signature("x", body)}),
+            (tampered, {KEY_ID_HEADER: "nova", SIGNATURE_HEADER: signature(keys["nova"], body)}),
+        ]
+        for raw_body, headers in sent:
+            producer.publish(raw_body, exchange="binding.events", routing_key="port.create", headers=headers,
+                             content_type="application/json", content_encoding="utf-8", delivery_mode=2)
+        signed.publish("port.create", port)
+        assert results.wait(port_id="p1", timeout=30)["vif_type"] == "ovs"
+        wait_until(lambda: len(dead_letters(pg_engine)) == 4)
+    reasons = [d.reason for d in dead_letters(pg_engine)]
+    assert all(r.startswith("bad_signature: ") for r in reasons)
+    assert "unsigned" in reasons[0] and "does not match" in reasons[1] and "unknown signing key" in reasons[2]
+    assert "does not match" in reasons[3]
+    assert not any(secret in r for r in reasons for secret in keys.values())
+    with Session(pg_engine) as session:  # nothing of a refused event was stored as a port
+        assert session.scalar(select(ResultRow.port_id).where(ResultRow.port_id == "unsigned")) is None
+
+
+def test_forged_contexts_cannot_write_the_profile(settings, pg_engine):
+    with bus_client(settings) as client, running_worker(settings, pg_engine), client.results_for("h1") as results:
+        client.publish_envelopes([client.envelope("network.upsert", NETWORK),
+                                  client.envelope("agent.report", agent(OVS_AGENT, host="h1"))])
+        member = RequestContext(user_id="mallory", project_id="p", roles=["member"])
+        admin = RequestContext(user_id="root", project_id="p", roles=["admin"])
+        port = {"network_id": "net-1", "host": "h1", "vnic_type": "normal", "profile": {"trusted": True}}
+        client.publish("port.create", {**port, "id": "by-member"}, context=member)
+        client.publish("port.create", {**port, "id": "by-admin"}, context=admin)
+        client.publish("port.create", {**port, "id": "by-service"})
+        forged = [results.wait(port_id=p, timeout=30) for p in ("by-member", "by-admin")]
+        allowed = results.wait(port_id="by-service", timeout=30)
+    assert all(r["error"].startswith("PolicyNotAuthorized: binding:profile") for r in forged)
+    assert allowed["vif_type"] == "ovs" and allowed["profile"] == {"trusted": True}
+
+
+def test_client_signs_what_it_publishes(amqp_url):
+    settings = Settings(broker_url=amqp_url, signing_keys={"nova": "k"}, signing_key_id="nova")
+    with BindingClient(settings=settings) as client, Connection(amqp_url) as raw:
+        queue = raw.SimpleQueue("sig-probe", no_ack=True)
+        raw.default_channel.queue_bind("sig-probe", "amq.topic", "sig.#")
+        client.publisher.publish([("amq.topic", "sig.x", {"a": 1})])
+        message = queue.get(timeout=5)
+        assert message.headers[KEY_ID_HEADER] == "nova"
+        assert message.headers[SIGNATURE_HEADER] == signature("k", message.body if isinstance(message.body, bytes)
+                                                              else message.body.encode())
+        queue.close()
