@@ -100,10 +100,11 @@ class DbState:
 
 @dataclass(frozen=True)
 class HostileMessage:
-    marker: str
+    marker: str  # also the id of the port it names, if it names one
     kind: str
     stage: str  # the stage whose queue it was published to (and which must dead-letter it)
     category: str  # the expected reason category, the dead letter's reason starts with it
+    refusal_host: str | None = None  # a refused port event: this host gets one binding_failed result
 
 
 @dataclass(frozen=True)
@@ -143,12 +144,16 @@ def _listed(ids: Iterable[Any]) -> list[Any]:
 
 
 def classify_events(published: dict[str, PublishedEvent], received: list[ReceivedResult],
-                    db: DbState) -> dict[str, Any]:
+                    db: DbState, hostile_ports: set[str] = frozenset()) -> dict[str, Any]:
+    """The Jepsen accounting; results for the ports of hostile messages (refusals) are left to
+    :func:`check_hostile`."""
     wire: dict[str, dict[str, set[tuple[Any, str]]]] = defaultdict(lambda: defaultdict(set))
     copies = Counter()
     unexpected: list[str] = []
     for result in received:
         body = result.body
+        if body.get("port_id") in hostile_ports:
+            continue
         event_id, host = str(body.get("event_id")), body.get("host")
         event = published.get(event_id)
         if event is None:
@@ -167,6 +172,8 @@ def classify_events(published: dict[str, PublishedEvent], received: list[Receive
     by_seq = {}
     for row in db.results:
         by_seq[row.seq] = row
+        if row.port_id in hostile_ports:
+            continue
         if row.event_id not in published:
             unexpected.append(f"{row.event_id}@{row.host}: outbox row {row.seq} of an event never published")
         else:
@@ -298,12 +305,22 @@ def marker_of(body: bytes | str) -> str | None:
 
 
 def check_hostile(hostile: list[HostileMessage], db: DbState, deliveries: list[Delivery], dlq: list[DlqMessage],
-                  fault_windows: list[tuple[float, float]] = (), dead_pids: set[int] = frozenset()) -> dict[str, Any]:
+                  fault_windows: list[tuple[float, float]] = (), dead_pids: set[int] = frozenset(),
+                  received: list[ReceivedResult] = ()) -> dict[str, Any]:
     """Every hostile message: one dead-letter row (its stage, a reason of the expected category),
-    one copy on the stage's DLQ dead-lettered for ``rejected`` (not ``delivery_limit``), and one
-    delivery — an extra delivery counts as *explained* when the worker that had it died (killed)
-    or a connection-level fault (cut, broker restart) fell between the two deliveries."""
+    one copy on the stage's DLQ dead-lettered for ``rejected`` (not ``delivery_limit``), for a
+    refused port event exactly one ``binding_failed`` result (one seq) on the host it names and none
+    elsewhere, and one delivery — an extra delivery counts as *explained* when the worker that had
+    it died (killed) or a connection-level fault (cut, broker restart) fell between the two."""
     wanted = {h.marker: h for h in hostile}
+    refusals: dict[str, dict[str, set[tuple[Any, str]]]] = defaultdict(lambda: defaultdict(set))
+    for result in received:
+        if result.body.get("port_id") in wanted:
+            refusals[result.body["port_id"]][result.queue_host].add((result.body.get("seq"), _canonical(result.body)))
+    refusal_rows: dict[str, list[ResultRowData]] = defaultdict(list)
+    for row in db.results:
+        if row.port_id in wanted:
+            refusal_rows[row.port_id].append(row)
     rows: dict[str, list[DeadLetterData]] = defaultdict(list)
     spurious = []
     for row in db.dead_letters:
@@ -343,6 +360,19 @@ def check_hostile(hostile: list[HostileMessage], db: DbState, deliveries: list[D
               or on_dlq[0].headers.get("x-first-death-reason") != "rejected"):
             problems.append(f"{marker} ({message.kind}): on {on_dlq[0].queue} for "
                             f"{on_dlq[0].headers.get('x-first-death-reason')}")
+        got = refusals.get(marker, {})
+        expected_hosts = {message.refusal_host} if message.refusal_host else set()
+        if set(got) != expected_hosts or any(len(keys) != 1 for keys in got.values()):
+            problems.append(f"{marker} ({message.kind}): refusal results "
+                            f"{ {h: sorted(s for s, _ in keys) for h, keys in got.items()} }, expected one on "
+                            f"{message.refusal_host or 'no host'}")
+        elif expected_hosts:
+            body = json.loads(next(iter(got[message.refusal_host]))[1])
+            if body.get("vif_type") != "binding_failed" or not str(body.get("error")).startswith(
+                    f"Refused: {message.category}"):
+                problems.append(f"{marker} ({message.kind}): refusal {body.get('vif_type')} {body.get('error')!r}")
+        if len(refusal_rows.get(marker, [])) > 1:
+            problems.append(f"{marker} ({message.kind}): {len(refusal_rows[marker])} refusal rows in the outbox")
         times = sorted(seen.get(marker, []), key=lambda d: d.at)
         if deliveries and not times:
             problems.append(f"{marker} ({message.kind}): never delivered to a worker")
@@ -394,9 +424,10 @@ def check(published: dict[str, PublishedEvent], received: list[ReceivedResult], 
           deliveries: list[Delivery] = (), dlq: list[DlqMessage] = (), races: list[RaceRound] = (),
           fault_windows: list[tuple[float, float]] = (), dead_pids: set[int] = frozenset()) -> dict[str, Any]:
     """The whole summary: event classification, PCI invariants, hostile messages, race rounds."""
-    summary = classify_events(published, received, db)
+    summary = classify_events(published, received, db, {h.marker for h in hostile})
     summary.update(check_pci(db, final_hosts, received))
-    summary.update(check_hostile(list(hostile), db, list(deliveries), list(dlq), list(fault_windows), dead_pids))
+    summary.update(check_hostile(list(hostile), db, list(deliveries), list(dlq), list(fault_windows), dead_pids,
+                                 received))
     summary.update(check_races(list(races), received))
     summary["valid"] = is_valid(summary)
     return summary

@@ -707,6 +707,10 @@ HOSTILE_KINDS = ("bad_json", "not_utf8", "not_utf8_declared", "too_large", "deep
                  "bad_event_id", "unknown_port", "bad_job")
 
 
+NAMES_A_PORT = {"missing_event_id", "unknown_type", "wrong_schema_payload", "wrong_schema_types", "extra_field",
+                "bad_event_id", "unknown_port"}
+
+
 def hostile_messages(count: int, seed: int, max_body: int = 64 * 1024) -> list[tuple[checker.HostileMessage, dict]]:
     """``count`` hostile messages (kinds in turn), each with a unique marker in its first bytes."""
     rng = random.Random(f"{seed}:hostile")
@@ -758,7 +762,10 @@ def hostile_messages(count: int, seed: int, max_body: int = 64 * 1024) -> list[t
             stage = ("select", "allocate", "compose")[i // len(HOSTILE_KINDS) % 3]
             exchange, routing_key = "binding.stages", stage
             body, category = json.dumps({"job_id": marker, "port_id": 42}).encode(), "bad_schema"
-        out.append((checker.HostileMessage(marker, kind, stage, category),
+        # README, "Hostile input": a refused event that names a port (a port.* or binding.* payload
+        # with an id) gives that port's host (the one the event names) a binding_failed result.
+        refusal_host = "ovs-0" if kind in NAMES_A_PORT else None
+        out.append((checker.HostileMessage(marker, kind, stage, category, refusal_host),
                     {"body": body, "exchange": exchange, "routing_key": routing_key,
                      "content_type": "application/json", "content_encoding": encoding}))
     return out

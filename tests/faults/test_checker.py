@@ -1,0 +1,112 @@
+"""The fault checker's own accounting, on hand-made histories (no services needed)."""
+
+from tests.faults.checker import (DbState, DeadLetterData, Delivery, DeviceData, DlqMessage, HostileMessage,
+                                  PublishedEvent, RaceRound, ReceivedResult, ResultRowData, check, format_summary)
+
+
+def result(event_id: str, port: str, host: str, seq: int, vif_type: str = "ovs", **extra) -> dict:
+    return {"event_id": event_id, "port_id": port, "host": host, "seq": seq, "vif_type": vif_type, **extra}
+
+
+def history():
+    """Four events: e1 fine, e2 (a move) missing on its new host, e3 bound twice, e4 never published."""
+    published = {
+        "e1": PublishedEvent("e1", "port.create", "p1", frozenset({"h1"})),
+        "e2": PublishedEvent("e2", "port.update", "p1", frozenset({"h1", "h2"})),
+        "e3": PublishedEvent("e3", "port.create", "p3", frozenset({"h1"}), copies=2),
+    }
+    bodies = [result("e1", "p1", "h1", 1), result("e2", "p1", "h1", 2, "unbound"),
+              result("e3", "p3", "h1", 3), result("e3", "p3", "h1", 4), result("e4", "p9", "h1", 5)]
+    received = [ReceivedResult(b["host"], b) for b in bodies] + [ReceivedResult("h1", bodies[0], redelivered=True)]
+    db = DbState(results=[ResultRowData(b["seq"], b["event_id"], b["port_id"], b["host"], b, True) for b in bodies])
+    return published, received, db
+
+
+def test_events_are_ok_lost_duplicated_or_unexpected():
+    published, received, db = history()
+    summary = check(published, received, db, {"p1": "h2", "p3": "h1"})
+    assert summary["status"] == {"e1": "ok", "e2": "lost", "e3": "duplicated"}
+    assert (summary["ok"], summary["lost"], summary["duplicated"]) == (1, 1, 1)
+    assert summary["unexpected"] == 2  # e4 on the wire and in the outbox
+    assert summary["redundant_copies"] == 1  # e1 again with the same seq and body: allowed
+    assert summary["lost_committed"] == 0
+    assert not summary["valid"]
+    assert "VALID: False" in format_summary(summary)
+
+
+def test_a_second_body_under_one_seq_is_a_duplicate_and_a_result_on_a_foreign_host_unexpected():
+    published = {"e1": PublishedEvent("e1", "port.create", "p1", frozenset({"h1"}))}
+    first, second = result("e1", "p1", "h1", 1), result("e1", "p1", "h1", 1, "binding_failed")
+    db = DbState(results=[ResultRowData(1, "e1", "p1", "h1", first, True)])
+    summary = check(published, [ReceivedResult("h1", first), ReceivedResult("h1", second),
+                                ReceivedResult("h2", result("e1", "p1", "h2", 7))], db, {"p1": "h1"})
+    assert summary["duplicated"] == 1 and summary["unexpected"] == 1 and summary["diverged"] == 1
+
+
+def test_unconfirmed_and_missing_is_unknown_not_lost():
+    published = {"e1": PublishedEvent("e1", "port.create", "p1", frozenset({"h1"}), confirmed=False)}
+    summary = check(published, [], DbState(), {"p1": "h1"})
+    assert summary["unknown"] == 1 and summary["lost"] == 0 and summary["valid"]
+
+
+def device(address: str, owner: str | None, host: str = "s1", dev_type: str = "type-VF",
+           parent: str | None = "0000:81:00.0") -> DeviceData:
+    return DeviceData(host, address, dev_type, parent, "allocated" if owner else "available", owner)
+
+
+def test_pci_leaks_double_allocation_and_mismatch():
+    published = {"c1": PublishedEvent("c1", "port.create", "p1", frozenset({"s1"})),
+                 "c2": PublishedEvent("c2", "port.create", "p2", frozenset({"s1"})),
+                 "d3": PublishedEvent("d3", "port.delete", "p3", frozenset({"s1"}))}
+    bodies = [result("c1", "p1", "s1", 1, "hw_veb", pci_device={"address": "0000:81:10.0"}),
+              result("c2", "p2", "s1", 2, "hw_veb", pci_device={"address": "0000:81:10.0"}),
+              result("d3", "p3", "s1", 3, "unbound")]
+    db = DbState(results=[ResultRowData(b["seq"], b["event_id"], b["port_id"], "s1", b, True) for b in bodies],
+                 devices=[device("0000:81:10.0", "p1"), device("0000:81:10.1", "p3"), device("0000:81:10.2", "p1")],
+                 violations={"s1": ["PF 0000:81:00.0 is allocated together with its functions 0000:81:10.0"]},
+                 ports={"p1": "s1", "p2": "s1"})
+    summary = check(published, [ReceivedResult("s1", b) for b in bodies], db, {"p1": "s1", "p2": "s1", "p3": None})
+    assert summary["lost"] == summary["duplicated"] == 0
+    assert summary["leaked"] == 1  # p3 was deleted, yet owns 10.1
+    # p1 holds two devices; the tracker's PF/VF violation; p1 and p2's results name one device
+    assert summary["double_allocated"] == 3
+    assert summary["pci_mismatch"] == 1  # p2's result names 10.0, owned by p1
+
+
+def test_hostile_messages_need_one_dead_letter_one_dlq_copy_and_their_refusal():
+    good = HostileMessage("HOSTILE-00000-0000000a", "bad_json", "validate", "bad_json")
+    refused = HostileMessage("HOSTILE-00001-0000000b", "extra_field", "validate", "bad_schema", "h1")
+    twice = HostileMessage("HOSTILE-00002-0000000c", "not_utf8", "validate", "not_utf8")
+    rows = [DeadLetterData(1, "validate", "bad_json: body is not JSON", None, '{"x": "HOSTILE-00000-0000000a'),
+            DeadLetterData(2, "validate", "bad_schema: evil: extra", "e", '{"evil": "HOSTILE-00001-0000000b"}'),
+            DeadLetterData(3, "validate", "not_utf8: …", None, "\ufffdHOSTILE-00002-0000000c"),
+            DeadLetterData(4, "validate", "not_utf8: …", None, "\ufffdHOSTILE-00002-0000000c"),
+            DeadLetterData(5, "select", "other: IntegrityError", "e9", '{"jobs": []}')]
+    refusal = result("e", "HOSTILE-00001-0000000b", "h1", 9, "binding_failed",
+                     error="Refused: bad_schema: evil: extra")
+    dlq = [DlqMessage("binding.validate.dlq", m.marker.encode(), {"x-first-death-reason": "rejected"})
+           for m in (good, refused, twice)]
+    deliveries = [Delivery(good.marker, "validate", 10, 0, 1.0), Delivery(refused.marker, "validate", 10, 0, 1.0),
+                  Delivery(twice.marker, "validate", 10, 0, 1.0), Delivery(twice.marker, "validate", 11, 1, 3.0)]
+    db = DbState(results=[ResultRowData(9, "e", refusal["port_id"], "h1", refusal, True)], dead_letters=rows)
+    summary = check({}, [ReceivedResult("h1", refusal)], db, {}, hostile=[good, refused, twice],
+                    deliveries=deliveries, dlq=dlq)
+    assert summary["unexpected"] == 0  # the refusal belongs to the hostile message
+    assert summary["hostile_dead_lettered_once"] == 2 and summary["hostile_problems"] == 1
+    assert summary["hostile_redeliveries_unexplained"] == 1  # pid 10 did not die, no fault in between
+    assert summary["spurious_dead_letters"] == 1
+    explained = check({}, [ReceivedResult("h1", refusal)], db, {}, hostile=[good, refused, twice],
+                      deliveries=deliveries, dlq=dlq, dead_pids={10})
+    assert explained["hostile_redeliveries_explained"] == 1 and explained["hostile_redeliveries_unexplained"] == 0
+
+
+def test_race_rounds_need_exactly_as_many_winners_as_devices():
+    creates = [f"c{i}" for i in range(6)]
+    bodies = [result(e, f"r{i}", "race", i, "hw_veb" if i < 2 else "binding_failed",
+                     pci_device={"address": f"0000:81:10.{i}"} if i < 2 else None) for i, e in enumerate(creates)]
+    exact = RaceRound("r1", "race", creates, [], devices=2, owned_after_delete=0)
+    summary = check({}, [ReceivedResult("race", b) for b in bodies], DbState(), {}, races=[exact])
+    assert summary["race_rounds"][0]["winners"] == 2 and summary["race_rounds_exact"] == 1
+    bodies[1]["pci_device"] = {"address": "0000:81:10.0"}  # two winners, one device
+    summary = check({}, [ReceivedResult("race", b) for b in bodies], DbState(), {}, races=[exact])
+    assert summary["race_rounds_exact"] == 0 and summary["race_rounds"][0]["device_given_twice"] == ["0000:81:10.0"]
