@@ -330,7 +330,9 @@ class SelectHandler(StageHandler):
         ports = [j.port for j in items if j.port is not None]
         self.networks = topo.load_networks(session, {p.network_id for p in ports})
         self.chassis_hosts = topo.all_ovn_chassis_hosts(session)
-        self.agent_rows = topo.agent_rows(session, {p.host for p in ports} | self.chassis_hosts)
+        self.agent_rows: dict[str, list] = {}
+        for row in topo.agent_rows(session, {p.host for p in ports} | self.chassis_hosts):
+            self.agent_rows.setdefault(row.host, []).append(row)
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if job.action == "bind" and job.error is None and job.port is not None:
@@ -338,9 +340,8 @@ class SelectHandler(StageHandler):
             if network is None:
                 job.error = f"InvalidInput: network_id: network {job.port.network_id} is not known"
             else:
-                hosts = {job.port.host} | self.chassis_hosts
-                agents = topo.agents_at([r for r in self.agent_rows if r.host in hosts], job.occurred_at,
-                                        self.settings.agent_down_time)
+                rows = [r for host in sorted({job.port.host} | self.chassis_hosts) for r in self.agent_rows.get(host, [])]
+                agents = topo.agents_at(rows, job.occurred_at, self.settings.agent_down_time)
                 original = OriginalBinding(**job.original) if job.original else None
                 try:
                     job.selection = manager_for(self.driver_config).bind_port(validated(job), network, agents,
