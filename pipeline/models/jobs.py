@@ -32,3 +32,9 @@ class BindingJob(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     selection: SelectionOutcome | None = None
     allocation: AllocationDecision | None = None
+
+
+class Handoff(BaseModel):
+    """A message between stage queues: many jobs, so one publish serves a whole batch."""
+
+    jobs: list[BindingJob] = Field(min_length=1)

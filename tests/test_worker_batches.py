@@ -1,0 +1,120 @@
+"""The worker's batch semantics on the embedded default: many-job hand-offs, one poison job among
+good ones, transient failures; and the hand-off encoding itself."""
+
+import threading
+import time
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from kombu import Connection
+from sqlalchemy.exc import OperationalError
+
+from pipeline.db import create_schema, make_engine
+from pipeline.models.jobs import BindingJob
+from pipeline.settings import Settings
+from pipeline.workers import handlers
+from pipeline.workers.consumer import Worker
+from pipeline.workers.handlers import HANDOFF_JOBS, PoisonMessage, Publish, decode_jobs, handoff_messages
+from pipeline.workers.publisher import BatchPublisher
+from pipeline.workers.topology import STAGE_EXCHANGE, declare_topology, dead_letter_queue
+
+
+def job(number: int) -> dict:
+    return BindingJob(job_id=f"e{number}:p{number}", event_id=f"e{number}", occurred_at=datetime.now(UTC),
+                      port_id=f"p{number}", revision=1, action="unbind").model_dump(mode="json")
+
+
+def test_hand_offs_group_jobs_and_keep_results_single():
+    outputs = [Publish(STAGE_EXCHANGE.name, "select", job(n)) for n in range(HANDOFF_JOBS + 3)]
+    outputs.append(Publish("binding.results", "host.h1", {"seq": 1}))
+    messages = handoff_messages(outputs)
+    assert [(e, k, len(b.get("jobs", []))) for e, k, b in messages] == [
+        ("binding.results", "host.h1", 0), (STAGE_EXCHANGE.name, "select", HANDOFF_JOBS),
+        (STAGE_EXCHANGE.name, "select", 3)]
+    assert [j.job_id for j in decode_jobs(b'{"jobs": [' + b",".join(
+        __import__("orjson").dumps(job(n)) for n in range(3)) + b"]}")] == ["e0:p0", "e1:p1", "e2:p2"]
+
+
+def test_a_bad_job_is_named_by_position_and_ids():
+    bad = dict(job(7), revision="seven")
+    with pytest.raises(PoisonMessage) as caught:
+        decode_jobs(__import__("orjson").dumps({"jobs": [job(1), bad]}))
+    assert caught.value.category == "bad_schema" and caught.value.reason.startswith("job 1 ")
+    assert (caught.value.event_id, caught.value.port_id) == ("e7", "p7")
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/db.sqlite", queue_type="classic", batch_wait_ms=2)
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    connection = Connection("memory://localhost/", transport_options={"polling_interval": 0.001})
+    declare_topology(connection, settings)
+    return settings, engine, connection
+
+
+def run_until(worker: Worker, condition, timeout: float = 10) -> None:  # noqa: ANN001
+    thread = threading.Thread(target=lambda: worker.run(safety_interval=0.002), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.02)
+    worker.should_stop = True
+    thread.join(5)
+    assert condition()
+
+
+def test_one_poison_job_of_a_hand_off_is_dead_lettered_alone(embedded, monkeypatch):
+    settings, engine, connection = embedded
+    original = handlers.AllocateHandler.handle_one
+
+    def explode_on_p2(self, session, item):  # noqa: ANN001, ANN202
+        if item.port_id == "p2":
+            raise KeyError("boom")
+        return original(self, session, item)
+
+    monkeypatch.setattr(handlers.AllocateHandler, "handle_one", explode_on_p2)
+    BatchPublisher(connection).publish([(STAGE_EXCHANGE.name, "allocate", {"jobs": [job(n) for n in range(4)]})])
+    dlq = dead_letter_queue("allocate", settings)(connection.default_channel)
+    worker = Worker(settings, engine, ["allocate"], connection=connection)
+
+    def marked() -> int:
+        with engine.connect() as db:
+            return db.execute(sa.text("select count(*) from stage_marks where stage='allocate'")).scalar()
+
+    run_until(worker, lambda: marked() == 3)
+    with engine.connect() as db:
+        (reason, port_id), = db.execute(sa.text("select reason, port_id from dead_letters")).all()
+    assert reason == "other: KeyError: 'boom'" and port_id == "p2"
+    parked = dlq.get(no_ack=True)
+    assert parked is not None and parked.decode()["job_id"] == "e2:p2"
+    compose = connection.SimpleQueue("binding.compose", no_ack=True)
+    handed_on = [j["job_id"] for _ in range(3) for j in compose.get(timeout=1).decode()["jobs"]]
+    assert sorted(handed_on) == ["e0:p0", "e1:p1", "e3:p3"]  # retried one by one, each handed on once
+
+
+def test_a_transient_failure_requeues_and_the_retry_succeeds(embedded, monkeypatch):
+    settings, engine, connection = embedded
+    original = handlers.AllocateHandler.handle_one
+    failures = []
+
+    def flaky(self, session, item):  # noqa: ANN001, ANN202
+        if not failures:
+            failures.append(item.port_id)
+            raise OperationalError("select 1", {}, Exception("server closed the connection"))
+        return original(self, session, item)
+
+    monkeypatch.setattr(handlers.AllocateHandler, "handle_one", flaky)
+    monkeypatch.setattr("pipeline.db.stop_after_delay", lambda _: __import__("tenacity").stop_after_attempt(1))
+    BatchPublisher(connection).publish([(STAGE_EXCHANGE.name, "allocate", {"jobs": [job(1)]})])
+    worker = Worker(settings, engine, ["allocate"], connection=connection)
+
+    def marked() -> int:
+        with engine.connect() as db:
+            return db.execute(sa.text("select count(*) from stage_marks where stage='allocate'")).scalar()
+
+    run_until(worker, lambda: marked() == 1)
+    with engine.connect() as db:
+        assert db.execute(sa.text("select count(*) from dead_letters")).scalar() == 0
+    assert failures == ["p1"]
