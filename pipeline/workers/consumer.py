@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +31,8 @@ from pipeline.models.tables import DeadLetter, ResultRow
 from pipeline.observability import metrics
 from pipeline.settings import Settings
 from pipeline.workers.gauges import refresh_gauges
-from pipeline.workers.handlers import HANDLERS, PoisonMessage, Publish, StageHandler, handoff_messages, refusal
+from pipeline.workers.handlers import (HANDLERS, HANDOFF_JOBS, PoisonMessage, Publish, StageHandler, handoff_messages,
+                                       refusal)
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry
 from pipeline.workers.topology import DEAD_LETTERS, RESULTS, check_topology, declare_topology, stage_queue
 
@@ -40,14 +42,17 @@ GAUGE_INTERVAL = 5.0  # seconds between refreshes of the database-derived gauges
 
 @dataclass
 class StageBuffer:
+    """A stage's deliveries decoded on arrival, waiting for their batch: ``(message, item)`` pairs
+    (a hand-off message holds many jobs, so a batch is counted in items, not messages)."""
+
     handler: StageHandler
-    messages: list[Message] = field(default_factory=list)
+    items: list[tuple[Message, Any]] = field(default_factory=list)
     first_at: float = 0.0
 
-    def add(self, message: Message) -> None:
-        if not self.messages:
+    def add(self, message: Message, items: list[Any]) -> None:
+        if not self.items:
             self.first_at = time.monotonic()
-        self.messages.append(message)
+        self.items += [(message, item) for item in items]
 
 
 class Worker(ConsumerProducerMixin):
@@ -75,15 +80,33 @@ class Worker(ConsumerProducerMixin):
 
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
         for buffer in self.buffers.values():
-            buffer.messages = []  # deliveries of a lost connection come back by themselves
+            buffer.items = []  # deliveries of a lost connection come back by themselves
         queues = [stage_queue(stage, self.settings, no_declare=True) for stage in self.buffers]
         if self.settings.declare_topology:
             declare_topology(self.connection, self.settings)
         else:
             check_topology(channel, queues)
-        return [consumer_cls(queues=[queue], on_message=buffer.add,
-                             prefetch_count=self.settings.prefetch, no_ack=False)
-                for queue, buffer in zip(queues, self.buffers.values(), strict=True)]
+        return [consumer_cls(queues=[queue], on_message=partial(self.receive, buffer), no_ack=False,
+                             prefetch_count=self.prefetch(stage))
+                for stage, queue, buffer in zip(self.buffers, queues, self.buffers.values(), strict=True)]
+
+    def prefetch(self, stage: str) -> int:
+        """Deliveries in hand per stage: a hand-off holds up to ``HANDOFF_JOBS`` jobs, so fewer of
+        those. (The in-memory transport applies one limit to the whole channel: keep the full one.)"""
+        if stage == "validate" or self.settings.embedded:
+            return self.settings.prefetch
+        return max(2, self.settings.prefetch // HANDOFF_JOBS)
+
+    def receive(self, buffer: StageBuffer, message: Message) -> None:
+        """Decode a delivery as it arrives; poison is dead-lettered at once, on its first delivery."""
+        handler = buffer.handler
+        try:
+            buffer.add(message, handler.decode(message.body, message.headers))
+        except PoisonMessage as poison:
+            self.dead_letter(handler.stage, message, poison)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the worker
+            log.exception("undecodable message", stage=handler.stage)
+            self.dead_letter(handler.stage, message, PoisonMessage("other", f"{type(exc).__name__}: {exc}"))
 
     def consume(self, limit: int | None = None, timeout: float | None = None, safety_interval: float = 1,
                 **kwargs: Any) -> Any:
@@ -101,15 +124,15 @@ class Worker(ConsumerProducerMixin):
                 yield
 
     def buffered(self) -> int:
-        return max(len(b.messages) for b in self.buffers.values())
+        return max(len(b.items) for b in self.buffers.values())
 
     def on_iteration(self) -> None:
         now = time.monotonic()
         wait = self.settings.batch_wait_ms / 1000
         for stage, buffer in self.buffers.items():
             metrics.touch_loop(stage)
-            if buffer.messages and (self.stopping or len(buffer.messages) >= self.settings.batch_size
-                                    or now - buffer.first_at >= wait):
+            if buffer.items and (self.stopping or len(buffer.items) >= self.settings.batch_size
+                                 or now - buffer.first_at >= wait):
                 self.flush(buffer)
         for task in self.periodic:
             task()
@@ -151,17 +174,8 @@ class Worker(ConsumerProducerMixin):
         """Handle the buffered deliveries as one batch; if that fails, each item alone. A message is
         acked once all its items are handled, requeued if one met a transient error, and rejected
         (to its DLQ) if it was poison; a poison item of a many-job hand-off is dead-lettered alone."""
-        messages, buffer.messages = buffer.messages, []
+        items, buffer.items = buffer.items, []
         handler = buffer.handler
-        items: list[tuple[Message, Any]] = []
-        for message in messages:
-            try:
-                items += [(message, item) for item in handler.decode(message.body, message.headers)]
-            except PoisonMessage as poison:
-                self.dead_letter(handler.stage, message, poison)
-            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the worker
-                log.exception("undecodable message", stage=handler.stage)
-                self.dead_letter(handler.stage, message, PoisonMessage("other", f"{type(exc).__name__}: {exc}"))
         if not items:
             return
         try:
