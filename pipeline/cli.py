@@ -93,7 +93,9 @@ def worker(stage: Annotated[str, typer.Argument(help="validate, select, allocate
 
 
 @app.command()
-def run(relay_every: Annotated[float, typer.Option(help="seconds between outbox relay passes")] = 5.0) -> None:
+def run(relay_every: Annotated[float, typer.Option(help="seconds between outbox relay passes")] = 5.0,
+        events: Annotated[str | None, typer.Option(metavar="FILE|-", help="envelopes to feed in (a JSON list or "
+                                                   "one per line); run until done and print the results")] = None) -> None:
     """Run every stage (and the outbox relay) in this one process: the embedded default or a small site."""
     from pipeline.workers.consumer import Worker
     from pipeline.workers.republish import Relay
@@ -101,6 +103,13 @@ def run(relay_every: Annotated[float, typer.Option(help="seconds between outbox 
 
     settings = _settings()
     engine = _engine(settings)
+    if events is not None:
+        from pipeline.demo import run_events
+
+        raise typer.Exit(run_events(settings, engine, events))
+    if settings.embedded:
+        typer.echo("bindpipe run: the in-memory broker lives inside this process, so only --events can feed it; "
+                   "set BINDPIPE_BROKER_URL to take events from RabbitMQ", err=True)
     the_worker = Worker(settings, engine, list(STAGES))
     the_worker.periodic.append(Relay(engine, lambda: the_worker.publisher, relay_every))
     the_worker.run_forever()

@@ -58,3 +58,24 @@ def test_events_flow_through_all_stages_to_the_hosts_queue(tmp_path):
         (reason,) = db.execute(sa.text("select reason from dead_letters")).scalars().all()
         assert reason.startswith("bad_json:")
         assert db.execute(sa.text("select count(*) from event_log")).scalar() == 3
+
+
+def test_bindpipe_run_feeds_a_file_of_events_and_prints_the_results(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    events = [Envelope.new(k, p).model_dump(mode="json") for k, p in
+              [("network.upsert", NETWORK), ("agent.report", AGENT), ("port.create", PORT)]]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in events) + "\n{not json\n")
+    monkeypatch.setenv("BINDPIPE_DATABASE_URL", f"sqlite:///{tmp_path}/run.sqlite")
+    outcome = CliRunner().invoke(app, ["run", "--events", str(path)])
+    assert outcome.exit_code == 0, outcome.output
+    results = [json.loads(line) for line in outcome.stdout.splitlines() if line.startswith("{")]
+    assert [(r["port_id"], r["vif_type"]) for r in results] == [("p1", "ovs")]
+    engine = make_engine(f"sqlite:///{tmp_path}/run.sqlite")
+    with engine.connect() as db:
+        assert db.execute(sa.text("select reason from dead_letters")).scalar().startswith("bad_json:")
