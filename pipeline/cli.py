@@ -123,7 +123,7 @@ def relay(interval: Annotated[float, typer.Option(help="seconds between passes")
     from pipeline.workers.republish import run_relay
 
     settings = _settings()
-    raise typer.Exit(run_relay(_engine(settings), _publisher(settings), interval, grace, once))
+    raise typer.Exit(run_relay(_engine(settings), lambda: _publisher(settings), interval, grace, once))
 
 
 @app.command()

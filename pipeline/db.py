@@ -11,7 +11,7 @@ from typing import TypeVar
 import orjson
 import structlog
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
@@ -20,6 +20,7 @@ from pipeline.models.tables import Base
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+MARK_KEY = "pk_stage_marks"
 
 
 def _json_text(value: object) -> str:
@@ -50,11 +51,22 @@ def create_schema(engine: Engine) -> None:
 
 
 def is_transient(exc: BaseException) -> bool:
+    """Errors a fresh attempt of the whole transaction can cure. A stage mark's key conflict is one:
+    two workers handled copies of one message at once; the retry finds the winner's mark."""
     if isinstance(exc, OperationalError):
         return True
+    if isinstance(exc, IntegrityError):
+        return _violates(exc, MARK_KEY)
     if isinstance(exc, DBAPIError):
         return getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
     return False
+
+
+def _violates(exc: IntegrityError, constraint: str) -> bool:
+    diag = getattr(exc.orig, "diag", None)
+    if diag is not None:  # PostgreSQL names the constraint
+        return getattr(diag, "constraint_name", None) == constraint
+    return "UNIQUE constraint failed: stage_marks.job_id, stage_marks.stage" in str(exc.orig)  # SQLite
 
 
 def run_transaction(engine: Engine, work: Callable[[Session], T], max_seconds: float = 20.0) -> T:

@@ -1,13 +1,14 @@
 """The large fault run: ≥ 5,000 events through the real pipeline under every fault, then the
 Jepsen-style accounting (see docs/faults.md)::
 
-    .venv/bin/python scripts/faults.py                  # the large plan (about 5 minutes)
+    .venv/bin/python scripts/faults.py                  # the large plan (about 4 minutes)
     .venv/bin/python scripts/faults.py --plan reduced   # what tests/faults/test_faults.py runs
     .venv/bin/python scripts/faults.py --events 8000 --rate 40 --seed 11 --json summary.json
+    .venv/bin/python scripts/faults.py --plan duplicates   # or reject-crash, pg-outage: bug reproductions
 
 It needs RabbitMQ (``rabbitmqctl`` usable) and PostgreSQL as the tests do (``BINDPIPE_TEST_BROKER_URL``,
 ``BINDPIPE_TEST_DATABASE_URL``), creates a vhost and a database of its own and removes them at the end
-(``--keep`` keeps them, and the run directory with every worker's log). **It restarts the shared
+(``--keep`` keeps them); the run directory with every worker's log is kept and printed (``run_dir``). **It restarts the shared
 RabbitMQ node and PostgreSQL cluster** (twice each in the large plan): do not run it beside anything
 that needs them. Exits 0 when the checker finds nothing wrong.
 """
@@ -21,13 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.faults.harness import large_plan, print_report, reduced_plan, run  # noqa: E402
+from tests.faults.harness import PLANS, large_plan, print_report, run  # noqa: E402
 from tests.services import fresh_database, fresh_vhost  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=("large", "reduced"), default="large")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="large",
+                        help="large (default), reduced (the CI run), or one of the bug reproductions "
+                             "of docs/faults.md: duplicates, reject-crash, pg-outage")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--events", type=int, help="workload events (large plan; default 5200)")
     parser.add_argument("--rate", type=float, help="workload events per second (large plan; default 30)")
@@ -41,7 +44,7 @@ def main() -> int:
         options = {k: v for k, v in (("seed", args.seed), ("events", args.events), ("rate", args.rate)) if v is not None}
         plan = large_plan(**options)
     else:
-        plan = reduced_plan(**({"seed": args.seed} if args.seed is not None else {}))
+        plan = PLANS[args.plan](**({"seed": args.seed} if args.seed is not None else {}))
     if args.crash_spec is not None:
         plan.crash_spec = args.crash_spec
     tag = f"faults{uuid.uuid4().hex[:8]}"

@@ -83,9 +83,11 @@ def test_one_poison_job_of_a_hand_off_is_dead_lettered_alone(embedded, monkeypat
         with engine.connect() as db:
             return db.execute(sa.text("select count(*) from stage_marks where stage='allocate'")).scalar()
 
-    run_until(worker, lambda: marked() == 3)
+    run_until(worker, lambda: marked() == 4)  # three handled, and the poison's (empty) mark
     with engine.connect() as db:
         (reason, port_id), = db.execute(sa.text("select reason, port_id from dead_letters")).all()
+        poison_mark = db.execute(sa.text("select output from stage_marks where job_id='e2:p2'")).scalar()
+    assert poison_mark == "[]", "a redelivered hand-off skips the dead-lettered job"
     assert reason == "other: KeyError: 'boom'" and port_id == "p2"
     parked = dlq.get(no_ack=True)
     assert parked is not None and parked.decode()["job_id"] == "e2:p2"

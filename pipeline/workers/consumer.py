@@ -21,7 +21,7 @@ import orjson
 import structlog
 from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerProducerMixin
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db import is_transient, run_transaction
@@ -31,8 +31,9 @@ from pipeline.models.tables import DeadLetter, ResultRow
 from pipeline.observability import metrics
 from pipeline.settings import Settings
 from pipeline.workers.gauges import refresh_gauges
+from pipeline.store.marks import add_marks
 from pipeline.workers.handlers import (HANDLERS, HANDOFF_JOBS, PoisonMessage, Publish, StageHandler, handoff_messages,
-                                       refusal)
+                                       refusal, unpublished_refusals)
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry
 from pipeline.workers.topology import DEAD_LETTERS, RESULTS, check_topology, declare_topology, stage_queue
 
@@ -138,7 +139,10 @@ class Worker(ConsumerProducerMixin):
             task()
         if now - self._gauges_at >= GAUGE_INTERVAL:
             self._gauges_at = now
-            refresh_gauges(self.engine, list(self.buffers))
+            try:
+                refresh_gauges(self.engine, list(self.buffers))
+            except Exception as exc:  # noqa: BLE001 - gauges wait for the database; the work goes on
+                log.warning("gauges not refreshed", error=str(exc)[:200])
         if self.stopping:
             self.should_stop = True
 
@@ -176,6 +180,12 @@ class Worker(ConsumerProducerMixin):
         (to its DLQ) if it was poison; a poison item of a many-job hand-off is dead-lettered alone."""
         items, buffer.items = buffer.items, []
         handler = buffer.handler
+        try:
+            self.handle_batch(handler, items)
+        finally:
+            structlog.contextvars.clear_contextvars()  # the next lines are about no event in particular
+
+    def handle_batch(self, handler: StageHandler, items: list[tuple[Message, Any]]) -> None:
         if not items:
             return
         try:
@@ -262,30 +272,41 @@ class Worker(ConsumerProducerMixin):
                 report_result(out.result or BindingResult.model_validate(out.body), out.occurred_at, now)
 
     def dead_letter(self, stage: str, message: Message, poison: PoisonMessage) -> None:
-        """Record why, then reject without requeue: RabbitMQ routes it to the stage's DLQ."""
+        """Record why, then reject without requeue: RabbitMQ routes it to the stage's DLQ. A message
+        redelivered because a crash came between the record and the reject is recorded once."""
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-        self.record_dead_letter(stage, body.decode("utf-8", errors="replace"), poison)
+        redelivered = bool((message.delivery_info or {}).get("redelivered"))
+        self.record_dead_letter(stage, body.decode("utf-8", errors="replace"), poison, redelivered=redelivered)
         message.reject(requeue=False)
 
     def dead_letter_item(self, handler: StageHandler, item: Any, poison: PoisonMessage) -> None:
-        """One poison job of a many-job hand-off: recorded, and sent to the stage's DLQ on its own
-        (its neighbours were handled and the message is acked)."""
+        """One poison job of a many-job hand-off: recorded (with an empty mark, so a redelivered
+        hand-off skips it), and sent to the stage's DLQ on its own; its neighbours were handled."""
         body = item.model_dump(mode="json")
         self.publisher.publish([(DEAD_LETTERS.name, handler.stage, body)])
-        self.record_dead_letter(handler.stage, orjson.dumps(body).decode(), poison)
+        self.record_dead_letter(handler.stage, orjson.dumps(body).decode(), poison, mark=handler.key(item))
 
-    def record_dead_letter(self, stage: str, body: str, poison: PoisonMessage) -> None:
+    def record_dead_letter(self, stage: str, body: str, poison: PoisonMessage, redelivered: bool = False,
+                           mark: str | None = None) -> None:
         """The dead letter, and for a refused event naming a port a ``binding_failed`` result."""
         row = DeadLetter(stage=stage, reason=f"{poison.category}: {poison.reason}", event_id=poison.event_id,
                          port_id=poison.port_id, body=body[:65536])
 
-        def record(session: Session) -> Publish | None:
+        def record(session: Session) -> tuple[bool, list[Publish]]:
+            if redelivered and session.scalar(select(DeadLetter.id).where(
+                    DeadLetter.stage == stage, DeadLetter.body == row.body).limit(1)) is not None:
+                return False, unpublished_refusals(session, poison)
             session.add(row)
-            return refusal(session, poison) if stage == "validate" else None
+            if mark is not None:
+                add_marks(session, stage, {mark: []})
+            result = refusal(session, poison) if stage == "validate" else None
+            return True, [result] if result is not None else []
 
-        result = run_transaction(self.engine, record)
-        if result is not None:
-            self.publish([result])
+        new, results = run_transaction(self.engine, record)
+        if results:
+            self.publish(results)
+        if not new:
+            return
         log.warning("dead-lettered", stage=stage, reason=row.reason, event_id=poison.event_id,
                     port_id=poison.port_id)
         metrics.DEAD_LETTERS.labels(stage=stage, reason=metrics.bounded(poison.category,

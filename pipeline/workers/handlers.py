@@ -270,7 +270,7 @@ class ValidateHandler(StageHandler):
             row = self.port_row(session, payload.port_id)
             if row is None:
                 raise PoisonMessage("bad_schema", f"binding.request for unknown port {payload.port_id}",
-                                    str(env.event_id), payload.port_id)
+                                    str(env.event_id), payload.port_id, payload.host)
             port = topo.port_from_row(row).model_copy(update={"host": payload.host})
             if payload.vnic_type is not None:
                 port.vnic_type = payload.vnic_type
@@ -495,6 +495,16 @@ def refusal(session: Session, poison: PoisonMessage) -> Publish | None:
     row.body["seq"] = result.seq = row.seq
     flag_modified(row, "body")
     return publish
+
+
+def unpublished_refusals(session: Session, poison: PoisonMessage) -> list[Publish]:
+    """The refusal results of ``poison``'s event that a crash left unpublished."""
+    if poison.port_id is None:
+        return []
+    rows = session.scalars(select(ResultRow).where(ResultRow.port_id == poison.port_id,
+                                                   ResultRow.event_id == (poison.event_id or ""),
+                                                   ResultRow.published_at.is_(None), ResultRow.host != ""))
+    return [Publish(RESULTS.name, host_routing_key(r.host), r.body) for r in rows]
 
 
 HANDLERS: dict[str, type[StageHandler]] = {

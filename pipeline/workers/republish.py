@@ -81,16 +81,27 @@ class Relay:
         return count
 
 
-def run_relay(engine: Engine, publisher: BatchPublisher, interval: float, grace: float, once: bool) -> int:
-    """``bindpipe relay``: pass after pass until SIGTERM (or one pass)."""
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    relay = Relay(engine, lambda: publisher, every=0.0, grace=grace)
+def run_relay(engine: Engine, connect: Callable[[], BatchPublisher], interval: float, grace: float,
+              once: bool) -> int:
+    """``bindpipe relay``: pass after pass until SIGTERM (or one pass). A pass that fails (the
+    database or the broker away) is logged and tried again with a fresh broker connection."""
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    publisher: BatchPublisher | None = None
     while True:
-        relay()
+        try:
+            publisher = publisher or connect()
+            count = relay_once(engine, publisher, grace)
+            if count:
+                log.warning("relayed unpublished results", count=count)
+        except Exception as exc:  # noqa: BLE001 - keep relaying once the services are back
+            log.warning("relay pass failed, retrying", error=str(exc)[:200])
+            if publisher is not None:
+                publisher.close()
+                publisher.connection.release()
+            publisher = None
         if once or stopping:
             return 0
         deadline = time.monotonic() + interval
         while time.monotonic() < deadline and not stopping:
-            publisher.connection.heartbeat_check()
             time.sleep(min(0.2, interval))

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -173,6 +173,18 @@ class Services:
         except Exception:  # noqa: BLE001
             return False
 
+    def stop_postgres_for(self, seconds: float) -> dict[str, float]:
+        """PostgreSQL down for ``seconds`` (stop, wait, start), then serving again."""
+        version = _pg_version()
+        started = time.monotonic()
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", "-m", "fast", version, "main", "stop"],
+                       check=True, capture_output=True, timeout=180)
+        time.sleep(seconds)
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+                       check=True, capture_output=True, timeout=180)
+        wait_for(self.postgres_up, 120, "PostgreSQL serving again", interval=0.2)
+        return {"down_s": time.monotonic() - started}
+
     def restart_postgres(self, mode: str = "fast") -> dict[str, float]:
         started = time.monotonic()
         command = os.environ.get("BINDPIPE_FAULT_PG_RESTART")
@@ -280,31 +292,35 @@ class Workers:
 
     def _reap(self) -> None:
         while not self.stopping:
-            time.sleep(0.1)
-            for name, managed in list(self.procs.items()):
-                with self.lock:
-                    process = managed.process
-                    if self.stopping or process is None or process.poll() is None:
-                        continue
-                    why = managed.planned
-                    if why is None:
-                        point = self.crash_points().get(process.pid)
-                        why = f"crash:{point}" if point else "unexpected"
-                    if "@" in managed.crash_spec and not why.startswith("crash:"):
-                        self.crash_plans.setdefault(managed.stage, []).insert(0, managed.crash_spec)  # not fired
-                    self.dead_pids.add(process.pid)
-                    event = {"name": name, "pid": process.pid, "code": process.returncode, "why": why,
-                             "at": time.time()}
-                    if why == "unexpected":
-                        tail = (self.run_dir / f"{name}.log").read_text(errors="replace").splitlines()[-6:]
-                        event["log_tail"] = [line[:300] for line in tail]
-                        log(f"UNEXPECTED exit of {name} (pid {process.pid}, code {process.returncode})")
-                    self.events.append(event)
-                    managed.process = None
-                delay = self.plan.restart_delay if why != "unexpected" else max(self.plan.restart_delay, 1.0)
-                time.sleep(delay)
-                if not self.stopping:
-                    self.start(name)
+            try:
+                self._reap_once()
+            except Exception as exc:  # noqa: BLE001 - the reaper must outlive anything
+                log(f"reaper: {exc!r}")
+
+    def _reap_once(self) -> None:
+        time.sleep(0.1)
+        for name, managed in list(self.procs.items()):
+            with self.lock:
+                process = managed.process
+                if self.stopping or process is None or process.poll() is None:
+                    continue
+                why = managed.planned
+                if why is None:
+                    point = self.crash_points().get(process.pid)
+                    why = f"crash:{point}" if point else "unexpected"
+                if "@" in managed.crash_spec and not why.startswith("crash:"):
+                    self.crash_plans.setdefault(managed.stage, []).insert(0, managed.crash_spec)  # not fired
+                self.dead_pids.add(process.pid)
+                event = {"name": name, "pid": process.pid, "code": process.returncode, "why": why, "at": time.time()}
+                if why == "unexpected":
+                    tail = (self.run_dir / f"{name}.log").read_text(errors="replace").splitlines()[-6:]
+                    event["log_tail"] = [line[:300] for line in tail]
+                    log(f"UNEXPECTED exit of {name} (pid {process.pid}, code {process.returncode})")
+                self.events.append(event)
+                managed.process = None
+            time.sleep(self.plan.restart_delay if why != "unexpected" else max(self.plan.restart_delay, 1.0))
+            if not self.stopping:
+                self.start(name)
 
     def stop_all(self, timeout: float = 30.0) -> dict[str, Any]:
         """SIGTERM every process, wait; their exit codes (expected 0)."""
@@ -863,6 +879,11 @@ class Nemesis:
         timings = self.run.services.restart_postgres(mode)
         self.record("pg_restart", start, mode=mode, **{k: round(v, 2) for k, v in timings.items()})
 
+    def do_pg_outage(self, seconds: float) -> None:
+        start = time.time()
+        timings = self.run.services.stop_postgres_for(seconds)
+        self.record("pg_outage", start, **{k: round(v, 2) for k, v in timings.items()})
+
     def do_hostile(self, count: int) -> None:
         start = time.time()
         sent = self.run.inject_hostile(count)
@@ -1078,6 +1099,7 @@ class Run:
 
     def fault_log_entries(self) -> tuple[list[checker.Delivery], Counter, int, int]:
         deliveries, crashes, redeliveries, max_count = [], Counter(), 0, 0
+        self.missing_hooks = set()
         if self.fault_log.exists():
             for line in self.fault_log.read_text().splitlines():
                 words = line.split()
@@ -1091,6 +1113,8 @@ class Run:
                 elif words[0] == "redelivery":
                     redeliveries += 1
                     max_count = max(max_count, int(words[3]))
+                elif words[0] == "missing-hook":
+                    self.missing_hooks.add(words[1])
         return deliveries, crashes, redeliveries, max_count
 
     def execute(self) -> dict[str, Any]:
@@ -1134,13 +1158,15 @@ class Run:
             "faults": dict(sorted(faults.items())),
             "worker_exits": dict(sorted(exits.items())),
             "crash_points_fired": dict(sorted(crashes.items())),
+            "missing_hooks": sorted(self.missing_hooks),  # product seams tests/faults/worker.py no longer finds
             "unexpected_exits": [e for e in self.workers.events if e["why"] == "unexpected"],
             "redeliveries_seen": redeliveries, "max_x_delivery_count": max_delivery_count,
             "sigterm": [{k: f.get(k) for k in ("t", "name", "code", "seconds")}
                         for f in nemesis.faults if f["kind"] == "sigterm"],
             "broker_restarts": [{k: f[k] for k in ("t", "stop_s", "down_s", "consumers_back_s")}
                                 for f in nemesis.faults if f["kind"] == "broker_restart"],
-            "pg_restarts": [{k: f[k] for k in ("t", "mode", "down_s")} for f in nemesis.faults if f["kind"] == "pg_restart"],
+            "pg_restarts": [{k: f.get(k) for k in ("t", "mode", "down_s")} for f in nemesis.faults
+                            if f["kind"] in ("pg_restart", "pg_outage")],
             "cuts": [{k: f[k] for k in ("t", "route", "connections")} for f in nemesis.faults if f["kind"] == "cut"],
             "nemesis_errors": nemesis.errors,
             "stop_exit_codes": stop_codes,
@@ -1194,7 +1220,7 @@ def reduced_plan(seed: int = 5) -> Plan:
         schedule=[(4.0, "hostile", 42), (9.5, "cut", "amqp"), (11.0, "race_with_kill", "race-1"),
                   (17.0, "cut", "pg"), (20.0, "broker_restart", 2.0), (44.0, "pg_restart", "fast"),
                   (50.0, "hostile", 28), (52.0, "cut", "all"), (55.0, "sigterm", None), (58.0, "race", "race-2")],
-        crash_plans={"validate": ["before_ack@40"], "select": ["after_commit@40"],
+        crash_plans={"validate": ["before_ack@40", "before_reject@15"], "select": ["after_commit@40"],
                      "allocate": ["in_transaction@30", "mid_ack@120"],
                      "compose": ["after_commit@30", "after_publish@60"]},
         drain_timeout=90.0)
@@ -1221,5 +1247,30 @@ def large_plan(seed: int = 7, events: int = 5200, rate: float = 30.0) -> Plan:
         crash_plans={"validate": ["before_ack@200", "mid_ack@900"], "select": ["after_commit@200"],
                      "allocate": ["in_transaction@100", "after_commit@150", "mid_ack@500"],
                      "compose": ["after_commit@100", "after_publish@150", "before_ack@250", "in_transaction@300"]},
-        crash_spec="in_transaction=0.002,after_commit=0.002,after_publish=0.002,before_ack=0.002",
+        crash_spec="in_transaction=0.0005,after_commit=0.0005,after_publish=0.0005,before_ack=0.0005",
         drain_timeout=180.0)
+
+
+def duplicates_plan(seed: int = 5) -> Plan:
+    """No fault but duplicates (F6): 15 % of the events twice in one batch, 5 % again later. Shows
+    a copy handled concurrently by a second worker being dead-lettered (docs/faults.md, bug 1)."""
+    return Plan(seed=seed, events=400, rate=25.0, duplicate_rate=0.15, late_duplicate_rate=0.05, drain_timeout=60.0)
+
+
+def reject_crash_plan(seed: int = 5) -> Plan:
+    """Hostile messages while validate workers die between a dead letter's commit and its reject
+    (crash point ``before_reject``): the redelivery must not record it twice (bug 4)."""
+    return Plan(seed=seed, events=60, rate=20.0, hostile=56, schedule=[(1.0, "hostile", 56)],
+                crash_plans={"validate": ["before_reject@3", "before_reject@3", "before_reject@5"]},
+                drain_timeout=60.0)
+
+
+def pg_outage_plan(seed: int = 5) -> Plan:
+    """PostgreSQL down for 8 s while the workers are idle (well within the 20 s a transaction is
+    retried): none may exit (bug 3)."""
+    return Plan(seed=seed, events=60, rate=20.0, schedule=[(6.0, "pg_outage", 8.0)], drain_timeout=60.0)
+
+
+PLANS = {"large": large_plan, "reduced": reduced_plan, "duplicates": duplicates_plan,
+         "reject-crash": reject_crash_plan, "pg-outage": pg_outage_plan}
+

@@ -26,6 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Route:
@@ -134,7 +137,7 @@ class Proxy:
 
     def __init__(self, upstreams: dict[str, str], log_path: str | None = None):
         self.process = subprocess.Popen([sys.executable, "-m", "tests.faults.proxy",
-                                         *(f"{n}={t}" for n, t in upstreams.items())],
+                                         *(f"{n}={t}" for n, t in upstreams.items())], cwd=ROOT,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=open(log_path, "ab") if log_path else subprocess.DEVNULL,
                                         text=True, bufsize=1, start_new_session=True)

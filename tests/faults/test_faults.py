@@ -49,7 +49,8 @@ def test_every_fault_was_injected(outcome):
     assert faults.get("cut") == 3 and all(c["connections"] > 0 for c in figures["cuts"]), figures["cuts"]
     assert figures["duplicates_same_batch"] > 0 and figures["duplicates_late"] > 0
     fired = {point.split()[0] for point in figures["crash_points_fired"]}
-    assert fired >= {"before_ack", "after_commit", "in_transaction", "after_publish"}, figures["crash_points_fired"]
+    assert fired >= {"before_ack", "after_commit", "in_transaction", "after_publish", "before_reject"}, \
+        figures["crash_points_fired"]
     # the faults hit work in flight: deliveries came back
     assert figures["redeliveries_seen"] > 0
     assert summary["events"] >= 400 + 2 * 128
@@ -83,22 +84,35 @@ def test_each_race_round_has_exactly_as_many_winners_as_vfs(outcome):
 
 
 def test_hostile_messages_are_dead_lettered_once_and_hold_nothing_up(outcome):
-    summary, figures = outcome
+    """Each hostile message: one dead-letter row with a reason of its category, one copy on its
+    stage's DLQ (rejected, not over the delivery limit), a refused port event one binding_failed
+    result on the host it names, and one delivery (a second only after its consumer died or its
+    connection was cut: never the pipeline's choice). Good events went through meanwhile
+    (test_no_event_lost_duplicated_or_unexpected)."""
+    summary, _ = outcome
     assert summary["hostile"] == 70 and set(summary["hostile_kinds"]) >= {
         "bad_json", "not_utf8", "too_large", "deep_nesting", "missing_event_id", "unknown_type",
         "wrong_schema_payload", "bad_job"}
-    assert summary["hostile_problems"] == 0, summary["hostile_problem_ids"]
+    assert summary["hostile_problems"] == 0, "\n".join(summary["hostile_problem_ids"])
     assert summary["hostile_dead_lettered_once"] == 70
-    # a second delivery only ever follows a dead consumer or a cut connection, never the pipeline's choice
     assert summary["hostile_redeliveries_unexplained"] == 0, summary["hostile_redelivery_ids"]
-    # every delivery of a hostile message beyond its first is one of those
     assert summary["hostile_deliveries"] - summary["hostile_redeliveries_explained"] == 70
-    assert summary["spurious_dead_letters"] == 0, summary["spurious_dead_letter_ids"]
-    assert summary["broker_dead_lettered"] == 0, summary["broker_dead_lettered_ids"]
+
+
+def test_good_events_are_never_dead_lettered(outcome):
+    """Duplicates, redeliveries and restarts are not poison: no dead letter but the hostile ones."""
+    summary, _ = outcome
+    assert summary["spurious_dead_letters"] == 0, "\n".join(summary["spurious_dead_letter_ids"])
+    assert summary["broker_dead_lettered"] == 0, "\n".join(summary["broker_dead_lettered_ids"])
 
 
 def test_workers_only_die_when_killed_and_stop_cleanly(outcome):
+    """No process exits unless the nemesis kills it (supervisord would restart it, but a crash
+    loses its prefetched deliveries and crash-loops while the service is down), and every one
+    stops with 0 on SIGTERM."""
     _, figures = outcome
-    assert figures["unexpected_exits"] == [], figures["unexpected_exits"]
+    unexpected = [{k: e[k] for k in ("name", "code")} | {"log": e.get("log_tail", [])[-3:]}
+                  for e in figures["unexpected_exits"]]
+    assert unexpected == [], unexpected
     assert [s["code"] for s in figures["sigterm"]] == [0], figures["sigterm"]
     assert set(figures["stop_exit_codes"].values()) == {0}, figures["stop_exit_codes"]
