@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Port-binding control plane: ML2-compatible bindings with Nova-strict PCI accounting.")
 replay_app = typer.Typer(no_args_is_help=True, help="Publish stored results or events again.")
 app.add_typer(replay_app, name="replay")
