@@ -25,7 +25,8 @@ from pipeline.models.events import Envelope
 from pipeline.models.jobs import BindingJob
 from pipeline.models.tables import DeadLetter, EventLog, ResultRow
 from pipeline.settings import Settings
-from pipeline.workers.handlers import HANDLERS, PoisonMessage
+from pipeline.workers.handlers import HANDLERS
+from pipeline.workers.messages import PoisonMessage
 from pipeline.workers.topology import DEAD_LETTERS, EVENTS, STAGE_EXCHANGE, STAGES, declare_topology
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

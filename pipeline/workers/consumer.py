@@ -32,8 +32,8 @@ from pipeline.observability import metrics
 from pipeline.settings import Settings
 from pipeline.workers.gauges import refresh_gauges
 from pipeline.store.marks import add_marks
-from pipeline.workers.handlers import (HANDLERS, HANDOFF_JOBS, PoisonMessage, Publish, StageHandler, handoff_messages,
-                                       refusal, unpublished_refusals)
+from pipeline.workers.handlers import HANDLERS, StageHandler, refusal, unpublished_refusals
+from pipeline.workers.messages import HANDOFF_JOBS, PoisonMessage, Publish, handoff_messages
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry
 from pipeline.workers.topology import DEAD_LETTERS, RESULTS, check_topology, declare_topology, stage_queue
 

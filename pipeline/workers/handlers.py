@@ -6,12 +6,9 @@ stage's mark for the job, so a redelivered message re-publishes what was handed 
 changes nothing.
 """
 
-import orjson
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
@@ -19,8 +16,8 @@ from sqlalchemy.orm.attributes import flag_modified
 from pipeline.drivers.api import OriginalBinding
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, BindingResult, DriverConfig
-from pipeline.models.events import PAYLOAD_MODELS, Envelope
-from pipeline.models.jobs import BindingJob, Handoff
+from pipeline.models.events import Envelope
+from pipeline.models.jobs import BindingJob
 from pipeline.models.tables import BindingRow, PortRow, ResultRow, utcnow
 from pipeline.models.topology import Port
 from pipeline.observability.logging import bind_event_context
@@ -32,121 +29,9 @@ from pipeline.stages.validation import ValidatedRequest, validate_request
 from pipeline.store import pci as pci_store
 from pipeline.store import topology as topo
 from pipeline.store.marks import add_marks, record_events, stored_outputs
+from pipeline.workers.messages import PoisonMessage, Publish, decode_envelope, decode_jobs
 from pipeline.workers.signing import check_signature
 from pipeline.workers.topology import RESULTS, STAGE_EXCHANGE, host_routing_key
-
-
-class PoisonMessage(Exception):
-    """A message no retry can fix: dead-lettered at once, with ``category`` and a specific reason
-    (and the event, port and host it names, when they could be read)."""
-
-    def __init__(self, category: str, reason: str, event_id: str | None = None, port_id: str | None = None,
-                 host: str | None = None):
-        super().__init__(reason)
-        self.category, self.reason, self.event_id, self.port_id, self.host = category, reason, event_id, port_id, host
-
-
-@dataclass(frozen=True)
-class Publish:
-    exchange: str
-    routing_key: str
-    body: dict[str, Any]
-    occurred_at: datetime | None = field(default=None, compare=False)  # of the event, for the latency metric
-    result: BindingResult | None = field(default=None, compare=False)  # what ``body`` holds, for logs and metrics
-
-    def as_json(self) -> dict[str, Any]:
-        return {"exchange": self.exchange, "routing_key": self.routing_key, "body": self.body}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Publish":
-        return cls(data["exchange"], data["routing_key"], data["body"])
-
-
-def decode_json(body: bytes | str, max_bytes: int) -> Any:
-    """JSON from a body (py-amqp hands over text when the publisher declared an encoding)."""
-    size = len(body) if isinstance(body, bytes) else len(body.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        raise PoisonMessage("too_large", f"body of {size} bytes exceeds the limit of {max_bytes}")
-    try:
-        text = body.decode("utf-8") if isinstance(body, bytes) else body
-    except UnicodeDecodeError as exc:
-        raise PoisonMessage("not_utf8", f"body is not UTF-8: {exc}") from None
-    try:
-        return orjson.loads(text)
-    except (orjson.JSONDecodeError, RecursionError) as exc:
-        raise PoisonMessage("bad_json", f"body is not JSON: {exc}") from None
-
-
-def _named(value: Any, limit: int = 64) -> str | None:
-    """An id read from a message that failed validation, if it is a plausible one."""
-    return value if isinstance(value, str) and 0 < len(value) <= limit else None
-
-
-def decode_envelope(body: bytes | str, max_bytes: int) -> Envelope:
-    data = decode_json(body, max_bytes)
-    if not isinstance(data, dict):
-        raise PoisonMessage("bad_schema", f"envelope must be a JSON object, not {type(data).__name__}")
-    event_id = _named(str(data.get("event_id") or "")) if data.get("event_id") else None
-    payload = data.get("payload") if isinstance(data.get("payload"), dict) else {}
-    is_port_event = str(data.get("event_type", "")).startswith(("port.", "binding."))
-    port_id = _named(payload.get("id") or payload.get("port_id")) if is_port_event else None
-    host = _named(payload.get("host"), 255) if is_port_event else None
-    if not event_id:
-        raise PoisonMessage("missing_event_id", "envelope has no event_id", port_id=port_id, host=host)
-    if data.get("event_type") not in PAYLOAD_MODELS:
-        raise PoisonMessage("unknown_event_type", f"unknown event_type {data.get('event_type')!r}"[:300],
-                            event_id, port_id, host)
-    try:
-        return Envelope.model_validate(data)
-    except (ValidationError, RecursionError) as exc:
-        detail = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
-        where = ".".join(str(p) for p in detail["loc"])
-        raise PoisonMessage("bad_schema", f"{where}: {detail['msg']}"[:500], event_id, port_id, host) from None
-
-
-HANDOFF_JOBS = 50  # jobs per hand-off message between stages
-HANDOFF_MAX_BYTES = 16 * 1024 * 1024  # hand-offs come from our own workers: bounded, but generously
-
-
-def decode_jobs(body: bytes | str) -> list[BindingJob]:
-    """A hand-off message: ``{"jobs": [job, ...]}`` (or one bare job). Parsed and validated in one
-    pass (pydantic's JSON parser); only a message that fails is taken apart job by job, to name
-    the culprit."""
-    if len(body) <= HANDOFF_MAX_BYTES:
-        try:
-            return Handoff.model_validate_json(body).jobs
-        except ValidationError:
-            pass
-    data = decode_json(body, HANDOFF_MAX_BYTES)
-    jobs = data.get("jobs") if isinstance(data, dict) and "jobs" in data else [data]
-    if not isinstance(jobs, list) or not jobs:
-        raise PoisonMessage("bad_schema", "a hand-off holds a non-empty list of jobs under 'jobs'")
-    decoded = []
-    for number, job in enumerate(jobs):
-        try:
-            decoded.append(BindingJob.model_validate(job))
-        except ValidationError as exc:
-            ids = job.get("job_id", "") if isinstance(job, dict) else ""
-            event_id, _, port_id = str(ids).partition(":")
-            raise PoisonMessage("bad_schema", f"job {number} is not a binding job: {exc.errors()[0]['msg']}",
-                                event_id or None, port_id or None) from None
-    return decoded
-
-
-def handoff_messages(outputs: list["Publish"]) -> list[tuple[str, str, dict[str, Any]]]:
-    """What to send for a batch's outputs: results one by one (each host reads its own), hand-offs
-    to the next stage grouped ``HANDOFF_JOBS`` to a message — one publish for many jobs."""
-    messages: list[tuple[str, str, dict[str, Any]]] = []
-    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for out in outputs:
-        if out.exchange == STAGE_EXCHANGE.name:
-            grouped.setdefault((out.exchange, out.routing_key), []).append(out.body)
-        else:
-            messages.append((out.exchange, out.routing_key, out.body))
-    for (exchange, routing_key), jobs in grouped.items():
-        messages += [(exchange, routing_key, {"jobs": jobs[i:i + HANDOFF_JOBS]})
-                     for i in range(0, len(jobs), HANDOFF_JOBS)]
-    return messages
 
 
 def validated(job: BindingJob) -> ValidatedRequest:

@@ -13,6 +13,7 @@ import hmac
 from typing import Any
 
 from pipeline.settings import Settings
+from pipeline.workers.messages import PoisonMessage
 
 KEY_ID_HEADER = "x-bindpipe-key-id"
 SIGNATURE_HEADER = "x-bindpipe-signature"
@@ -39,8 +40,6 @@ def signing_headers(settings: Settings, body: bytes) -> dict[str, Any] | None:
 
 def check_signature(body: bytes | str, headers: dict[str, Any], settings: Settings) -> None:
     """Raise ``PoisonMessage("bad_signature", …)`` unless the body is acceptably signed."""
-    from pipeline.workers.handlers import PoisonMessage
-
     key_id, given = headers.get(KEY_ID_HEADER), headers.get(SIGNATURE_HEADER)
     if key_id is None and given is None:
         if settings.require_signatures:
