@@ -24,7 +24,6 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from kombu import Connection
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 

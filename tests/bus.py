@@ -3,7 +3,7 @@
 import copy
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,14 +39,17 @@ def bus_client(settings: Settings) -> Iterator[BindingClient]:
         yield client
 
 
-def wait_until(condition: Any, timeout: float = 30.0, interval: float = 0.05) -> Any:
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+               interval: float = 0.05, detail: Callable[[], str] = lambda: "") -> Any:
+    """Poll ``condition`` until it returns something true (returned), or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = condition()
         if value:
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s\n{detail()}".rstrip())
         time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def published_results(engine: Engine) -> int:

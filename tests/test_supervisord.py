@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from pipeline.observability.metrics import DEAD_LETTER_REASONS, METRIC_FAMILIES,
 from pipeline.settings import Settings
 from pipeline.workers.topology import STAGES
 from prometheus_client.parser import text_string_to_metric_families
+from tests.bus import wait_until
 from tests.services import unavailable
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
@@ -66,18 +67,6 @@ def venv_bin() -> Path:
             return candidate
     unavailable("supervisord and bindpipe are not installed beside this Python (pip install -e '.[test]')")
     raise AssertionError("unreachable")
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
-              detail: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s\n{detail()}")
-        time.sleep(interval)
 
 
 # --- supervisord -------------------------------------------------------------------------------
@@ -387,11 +376,11 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
     try:
         supervisor.start()
         started = time.monotonic()
-        states = wait_for(supervisor.all_running, 60, "every program RUNNING", interval=0.5, detail=supervisor.logs)
+        states = wait_until(supervisor.all_running, 60, "every program RUNNING", interval=0.5, detail=supervisor.logs)
         assert states.get(PRESTART, ("",))[0] == "EXITED", states
         assert "exited: bindpipe-prestart (exit status 0; expected)" in (run_dir / "supervisord.log").read_text()
         # RUNNING means "up for startsecs"; a worker is ready once its consumer is on its queue.
-        wait_for(lambda: all(queue_state(amqp_url)[f"binding.{s}"][1] == n for s, n in CONSUMERS.items()), 30,
+        wait_until(lambda: all(queue_state(amqp_url)[f"binding.{s}"][1] == n for s, n in CONSUMERS.items()), 30,
                  "a consumer per worker process on every stage queue", detail=lambda: str(queue_state(amqp_url)))
         print(f"supervisord up, every worker consuming after {time.monotonic() - started:.1f}s")
 
@@ -401,11 +390,11 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             # Topology first (two validate workers may reorder events), then the first wave.
             topology = topology_events(client)
             client.publish_envelopes(topology)
-            wait_for(lambda: count(engine, select(func.count()).select_from(EventLog)) == len(topology), 30,
+            wait_until(lambda: count(engine, select(func.count()).select_from(EventLog)) == len(topology), 30,
                      "the topology events logged", detail=supervisor.logs)
             wave_1 = port_events(client, "w1", WAVE_1)
             client.publish_envelopes(wave_1)
-            wait_for(lambda: published(engine) == len(wave_1), 60, "every first-wave result published",
+            wait_until(lambda: published(engine) == len(wave_1), 60, "every first-wave result published",
                      detail=lambda: f"{published(engine)} of {len(wave_1)}\n{supervisor.logs()}")
 
             # Before any dead letter, every family is exported already, dead letters as zeros per
@@ -414,7 +403,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
                 samples = scrape(METRICS_PORT)
                 return samples if all(family_present(samples, f) for f in METRIC_FAMILIES) else None
 
-            samples = wait_for(all_families, 15, "every metric family exported",
+            samples = wait_until(all_families, 15, "every metric family exported",
                                detail=lambda: str(sorted(scrape(METRICS_PORT))))
             zeros = {(labels["stage"], labels["reason"]) for labels, value in samples["bindpipe_dead_letters_total"]
                      if value == 0}
@@ -424,7 +413,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             Producer(client.connection.default_channel).publish(
                 b"{not json", exchange="binding.events", routing_key="port.create",
                 content_type="application/json", content_encoding="utf-8", delivery_mode=2)
-            wait_for(lambda: count(engine, select(func.count()).select_from(DeadLetter)) == 1, 30,
+            wait_until(lambda: count(engine, select(func.count()).select_from(DeadLetter)) == 1, 30,
                      "the undecodable message dead-lettered")
 
             # Second wave, published in chunks by another connection while the allocator is killed.
@@ -443,7 +432,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             victim = supervisor.pid(VICTIM)
             publisher = threading.Thread(target=publish_slowly, daemon=True)
             publisher.start()
-            wait_for(lambda: published(engine) >= len(wave_1) + 10, 30, "the second wave under way", interval=0.02)
+            wait_until(lambda: published(engine) >= len(wave_1) + 10, 30, "the second wave under way", interval=0.02)
             os.kill(victim, signal.SIGKILL)
             at_kill, publishing = published(engine) - len(wave_1), publisher.is_alive()
             print(f"SIGKILL {VICTIM} (pid {victim}) with {at_kill} of {len(wave_2)} second-wave results published"
@@ -456,7 +445,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
                 state, pid = supervisor.status().get(VICTIM, ("", None))
                 return state == "RUNNING" and pid is not None and pid != victim
 
-            wait_for(restarted, 30, f"{VICTIM} restarted", detail=supervisor.logs)
+            wait_until(restarted, 30, f"{VICTIM} restarted", detail=supervisor.logs)
             new_pid = supervisor.pid(VICTIM)
             assert new_pid != victim and not alive(victim)
             log = (run_dir / "supervisord.log").read_text()
@@ -464,7 +453,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             assert supervisor.all_running(), supervisor.status()  # the others carried on
 
             expected = len(wave_1) + len(wave_2)
-            wait_for(lambda: published(engine) >= expected, 60, "every second-wave result published",
+            wait_until(lambda: published(engine) >= expected, 60, "every second-wave result published",
                      detail=lambda: f"{published(engine)} of {expected}\n{supervisor.logs()}")
 
             # --- no message lost, none bound twice ---
@@ -516,7 +505,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             queues = queue_state(amqp_url)
             return queues if all(m == 0 for name, (m, _) in queues.items() if name != "binding.validate.dlq") else None
 
-        queues = wait_for(drained, 15, "empty stage queues", detail=lambda: str(queue_state(amqp_url)))
+        queues = wait_until(drained, 15, "empty stage queues", detail=lambda: str(queue_state(amqp_url)))
         assert queues["binding.validate.dlq"][0] == 1, queues
         assert all(queues[f"binding.{s}"][1] == n for s, n in CONSUMERS.items()), queues
         with Session(engine) as session:
@@ -530,7 +519,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             problems[:] = metric_problems(scrape(METRICS_PORT), engine, outcomes, failures)
             return not problems
 
-        wait_for(metrics_agree, 20, "/metrics agreeing with the database", interval=1,
+        wait_until(metrics_agree, 20, "/metrics agreeing with the database", interval=1,
                  detail=lambda: "\n".join(problems))
         print(f"total {time.monotonic() - started:.1f}s from supervisord's start")
     finally:

@@ -59,6 +59,7 @@ from pipeline.settings import Settings
 from pipeline.stages.pci_accounting import invariant_violations
 from pipeline.store.pci import tracker_for
 from pipeline.workers.topology import STAGES, declare_topology, results_queue
+from tests.bus import wait_until
 from tests.faults import checker
 from tests.faults.proxy import Proxy
 
@@ -86,17 +87,6 @@ def retrying(what: str, action: Callable[[], Any], timeout: float = 120.0, inter
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what}: still failing after {timeout}s: {exc}") from exc
             time.sleep(interval)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(interval)
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -159,7 +149,7 @@ class Services:
         time.sleep(down)
         subprocess.run([RABBITMQCTL, "-q", "start_app"], check=True, capture_output=True, timeout=300)
         subprocess.run([RABBITMQCTL, "-q", "await_startup"], capture_output=True, timeout=300)
-        wait_for(lambda: self.rabbitmq_up(queues), 120, "RabbitMQ serving the queues again", interval=0.25)
+        wait_until(lambda: self.rabbitmq_up(queues), 120, "RabbitMQ serving the queues again", interval=0.25)
         return {"stop_s": stopped - started, "down_s": time.monotonic() - stopped}
 
     def postgres_up(self) -> bool:
@@ -182,7 +172,7 @@ class Services:
         time.sleep(seconds)
         subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
                        check=True, capture_output=True, timeout=180)
-        wait_for(self.postgres_up, 120, "PostgreSQL serving again", interval=0.2)
+        wait_until(self.postgres_up, 120, "PostgreSQL serving again", interval=0.2)
         return {"down_s": time.monotonic() - started}
 
     def restart_postgres(self, mode: str = "fast") -> dict[str, float]:
@@ -191,7 +181,7 @@ class Services:
         argv = (command.split() if command else
                 ["pg_ctlcluster", "--skip-systemctl-redirect", "-m", mode, _pg_version(), "main", "restart"])
         subprocess.run(argv, check=True, capture_output=True, timeout=180)
-        wait_for(self.postgres_up, 120, "PostgreSQL serving again", interval=0.2)
+        wait_until(self.postgres_up, 120, "PostgreSQL serving again", interval=0.2)
         return {"down_s": time.monotonic() - started}
 
 
@@ -972,9 +962,9 @@ class Run:
                 return False
             return all(state[s][1] >= self.plan.workers.get(s, 0) for s in STAGES)
         try:
-            wait_for(ready, timeout, "a consumer per worker on every stage queue", interval=0.25)
+            wait_until(ready, timeout, "a consumer per worker on every stage queue", interval=0.25)
             return True
-        except TimeoutError:
+        except AssertionError:
             return False
 
     def db(self, work: Callable[[Session], Any]) -> Any:
@@ -1042,7 +1032,7 @@ class Run:
             raise RuntimeError(f"the workers did not all start consuming: {self.queue_state()}")
         topology = self.topo.events(self.make, self.plan)
         self.publisher.publish(topology)
-        wait_for(lambda: self.db(lambda s: s.scalar(select(func.count()).select_from(EventLog))) >= len(topology),
+        wait_until(lambda: self.db(lambda s: s.scalar(select(func.count()).select_from(EventLog))) >= len(topology),
                  60, "the topology events logged", interval=0.2)
 
     def drain(self) -> dict[str, Any]:
@@ -1060,9 +1050,9 @@ class Run:
                 and time.monotonic() - self.ledger.last_result_at > 2.0
 
         try:
-            wait_for(settled, 60 if all_idle else 10, "stage queues empty and the outbox published", interval=0.5)
+            wait_until(settled, 60 if all_idle else 10, "stage queues empty and the outbox published", interval=0.5)
             settled_ok = True
-        except TimeoutError:
+        except AssertionError:
             settled_ok = False
         return {"drain_s": round(time.monotonic() - started, 1), "all_results_in": all_idle, "settled": settled_ok,
                 "ports_still_waiting": self.ledger.outstanding()}
