@@ -125,7 +125,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         break
 
 
-def run_events(settings: Settings, engine: Engine, path: str, out: TextIO = sys.stdout) -> int:
+def run_events(settings: Settings, engine: Engine, path: str, out: TextIO | None = None) -> int:
     """``bindpipe run --events FILE``: feed a file of envelopes (a JSON list, or one per line) to
     the pipeline in this process, run it until every queue is drained, and print each result
     produced as a JSON line. Bad envelopes go where they would on a broker: dead letters."""
@@ -148,6 +148,7 @@ def run_events(settings: Settings, engine: Engine, path: str, out: TextIO = sys.
         wait_until_idle(client.connection, worker)
     worker.should_stop = True
     thread.join(10)
+    out = out or sys.stdout  # looked up now: a caller may have replaced it since import
     with Session(engine) as session:
         for body in session.scalars(select(ResultRow.body).where(ResultRow.seq > first_seq).order_by(ResultRow.seq)):
             out.write(json.dumps(body, sort_keys=True) + "\n")
