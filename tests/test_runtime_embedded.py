@@ -79,3 +79,25 @@ def test_bindpipe_run_feeds_a_file_of_events_and_prints_the_results(tmp_path, mo
     engine = make_engine(f"sqlite:///{tmp_path}/run.sqlite")
     with engine.connect() as db:
         assert db.execute(sa.text("select reason from dead_letters")).scalar().startswith("bad_json:")
+
+
+def test_event_log_lag_counts_port_events_without_a_result(tmp_path):
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import Session
+
+    from pipeline.models.tables import ResultRow
+    from pipeline.observability import metrics
+    from pipeline.store.marks import record_events
+    from pipeline.workers.gauges import refresh_event_log_lag
+
+    engine = make_engine(f"sqlite:///{tmp_path}/lag.sqlite")
+    create_schema(engine)
+    done, waiting = Envelope.new("port.create", PORT), Envelope.new("port.create", {**PORT, "id": "p2"})
+    with Session(engine) as session, session.begin():
+        record_events(session, [done, Envelope.new("agent.report", AGENT), waiting, Envelope.new("agent.report", AGENT)])
+        session.add(ResultRow(event_id=str(done.event_id), port_id="p1", host="compute-1", body={},
+                              published_at=datetime.now(UTC)))
+    with Session(engine) as session:
+        refresh_event_log_lag(session)
+    assert metrics.EVENT_LOG_LAG.labels(stage="compose")._value.get() == 1  # p2; agent reports do not count

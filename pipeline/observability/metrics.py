@@ -89,7 +89,7 @@ PCI_DEVICES = Gauge(
     "bindpipe_pci_devices", "PCI devices by host, physnet, vendor:product and state.",
     ["host", "physical_network", "vendor_product", "state"], multiprocess_mode="livemax")
 EVENT_LOG_LAG = Gauge(
-    "bindpipe_event_log_lag", "Newest event-log sequence number minus the newest one the stage has handled.",
+    "bindpipe_event_log_lag", "Port events logged after the newest one the stage has turned into a result.",
     ["stage"], multiprocess_mode="livemax")
 WORKER_LAST_LOOP = Gauge(
     "bindpipe_worker_last_loop_timestamp_seconds", "Unix time at which a stage worker's consume loop last turned.",

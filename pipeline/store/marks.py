@@ -41,10 +41,6 @@ def add_marks(session: Session, stage: str, outputs: dict[str, list[Any]]) -> No
                                             for job_id, output in outputs.items()])
 
 
-def newest_event_seq(session: Session) -> int:
-    return session.scalar(select(func.coalesce(func.max(EventLog.seq), 0)))
-
-
 def events_between(session: Session, first: int, last: int | None, limit: int | None = None) -> list[EventLog]:
     query = select(EventLog).where(EventLog.seq >= first).order_by(EventLog.seq).limit(limit)
     if last is not None:

@@ -9,7 +9,6 @@ from sqlalchemy.orm import Session
 
 from pipeline.models.tables import EventLog, PciDeviceRow, ResultRow
 from pipeline.observability import metrics
-from pipeline.store.marks import newest_event_seq
 
 
 def refresh_gauges(engine: Engine, stages: list[str]) -> None:
@@ -36,9 +35,14 @@ def refresh_pci_devices(session: Session) -> None:
                                        state=state).set(count)
 
 
+PORT_EVENTS = ("port.create", "port.update", "port.delete", "binding.request")
+LAG_CAP = 100_000  # counted no further: the alert only needs to know it is large
+
+
 def refresh_event_log_lag(session: Session) -> None:
-    """Newest logged event minus the newest event that has produced a result."""
-    newest = newest_event_seq(session)
+    """Port events logged after the newest one that has produced a result (events that never give
+    a result, such as agent reports, do not count)."""
     last_result_event = session.scalar(select(ResultRow.event_id).order_by(ResultRow.seq.desc()).limit(1))
     done = session.scalar(select(EventLog.seq).where(EventLog.event_id == last_result_event)) if last_result_event else 0
-    metrics.EVENT_LOG_LAG.labels(stage="compose").set(max(newest - (done or 0), 0))
+    behind = select(EventLog.seq).where(EventLog.seq > (done or 0), EventLog.event_type.in_(PORT_EVENTS)).limit(LAG_CAP)
+    metrics.EVENT_LOG_LAG.labels(stage="compose").set(session.scalar(select(func.count()).select_from(behind.subquery())))
