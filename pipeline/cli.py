@@ -44,9 +44,9 @@ def _engine(settings):  # noqa: ANN001, ANN202
 
 
 def _publisher(settings):  # noqa: ANN001, ANN202
-    from kombu import Connection
-
     from functools import partial
+
+    from kombu import Connection
 
     from pipeline.workers.publisher import BatchPublisher, connect_with_retry
     from pipeline.workers.signing import signing_headers

@@ -22,10 +22,10 @@ always with the same ``seq`` and body, so a consumer drops a ``seq`` it has alre
 
 import time
 import uuid
-from functools import partial
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from kombu import Connection, Queue

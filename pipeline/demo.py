@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kombu import Connection, Producer
-
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 

@@ -25,8 +25,16 @@ from pipeline.models import vocabulary as v
 from pipeline.models.binding import BindingResult, Decline
 from pipeline.models.jobs import BindingJob
 from pipeline.models.reasons import failure_reason_category, primary_decline
-from pipeline.models.tables import (AgentRow, BindingRow, DeadLetter, EventLog, PciDeviceRow, PortRow, ResultRow,
-                                    StageMark)
+from pipeline.models.tables import (
+    AgentRow,
+    BindingRow,
+    DeadLetter,
+    EventLog,
+    PciDeviceRow,
+    PortRow,
+    ResultRow,
+    StageMark,
+)
 from pipeline.settings import Settings
 from pipeline.store.topology import load_agents
 from pipeline.workers.topology import STAGES, dead_letter_queue, stage_queue

@@ -9,6 +9,7 @@ the upper binding is undone and the next upper driver is tried (backtracking), t
 import functools
 from collections.abc import Mapping
 from importlib.metadata import entry_points
+
 from pipeline.drivers.api import MechanismDriver, OriginalBinding, PortContext
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import BindingLevel, Decline, DriverConfig, SelectionOutcome

@@ -12,9 +12,9 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -30,8 +30,8 @@ from pipeline.models.reasons import failure_reason_category, primary_decline
 from pipeline.models.tables import DeadLetter, ResultRow
 from pipeline.observability import metrics
 from pipeline.settings import Settings
-from pipeline.workers.gauges import refresh_gauges
 from pipeline.store.marks import add_marks
+from pipeline.workers.gauges import refresh_gauges
 from pipeline.workers.handlers import HANDLERS, StageHandler, refusal, unpublished_refusals
 from pipeline.workers.messages import HANDOFF_JOBS, PoisonMessage, Publish, handoff_messages
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry

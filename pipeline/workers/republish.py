@@ -15,7 +15,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
-
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
