@@ -149,8 +149,8 @@ def run_events(settings: Settings, engine: Engine, path: str, out: TextIO | None
     thread.join(10)
     out = out or sys.stdout  # looked up now: a caller may have replaced it since import
     with Session(engine) as session:
-        for body in session.scalars(select(ResultRow.body).where(ResultRow.seq > first_seq).order_by(ResultRow.seq)):
-            out.write(json.dumps(body, sort_keys=True) + "\n")
+        for row in session.scalars(select(ResultRow).where(ResultRow.seq > first_seq).order_by(ResultRow.seq)):
+            out.write(json.dumps(row.published(), sort_keys=True) + "\n")
     return 0
 
 

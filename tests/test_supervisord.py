@@ -462,7 +462,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             assert set(rows) == set(events), sorted(set(events) - set(rows))[:20]
             several = {port: [r.seq for r in port_rows] for port, port_rows in rows.items() if len(port_rows) != 1}
             assert not several, f"ports with more than one result: {several}"
-            results = {port: BindingResult.model_validate(port_rows[0].body) for port, port_rows in rows.items()}
+            results = {port: BindingResult.model_validate(port_rows[0].published()) for port, port_rows in rows.items()}
             for port, result in results.items():
                 assert result.event_id == events[port] and result.seq == rows[port][0].seq, (port, result)
                 assert rows[port][0].published_at is not None
@@ -497,7 +497,7 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             assert not missing, f"{len(missing)} results never reached their host: {missing[:20]}"
             for port, bodies in received.items():
                 if port in results:
-                    assert all(b == rows[port][0].body for b in bodies), (port, bodies)
+                    assert all(b == rows[port][0].published() for b in bodies), (port, bodies)
             print(f"{sum(len(b) for b in received.values()) - len(received)} results on the wire more than once")
 
         # Nothing left behind in the stage queues; the one dead letter on validate's DLQ.

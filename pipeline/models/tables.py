@@ -174,6 +174,10 @@ class ResultRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     published_at: Mapped[datetime | None]
 
+    def published(self) -> dict[str, Any]:
+        """The message body as published: the stored body (written before ``seq`` existed) with it."""
+        return {**self.body, "seq": self.seq}
+
 
 class DeadLetter(Base):
     __tablename__ = "dead_letters"

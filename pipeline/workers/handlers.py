@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import flag_modified
 
 from pipeline.drivers.api import OriginalBinding
 from pipeline.models import vocabulary as v
@@ -295,7 +294,7 @@ class ComposeHandler(PortLockingHandler):
 
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
         self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, [j.port_id for j in items])}
-        self.results: list[tuple[ResultRow, BindingRow | None, BindingResult]] = []
+        self.results: list[tuple[ResultRow, BindingRow | None, BindingResult, Publish | None]] = []
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if self.is_stale(job):
@@ -341,14 +340,13 @@ class ComposeHandler(PortLockingHandler):
         in by ``finish``, once the batch's rows are inserted."""
         result.event_id = job.event_id
         row, publish = outbox(session, result, job.occurred_at)
-        self.results.append((row, binding, result))
+        self.results.append((row, binding, result, publish))
         return publish
 
     def finish(self, session: Session) -> None:
         session.flush()  # one multi-row INSERT … RETURNING gives every result its seq
-        for row, binding, result in self.results:
-            row.body["seq"] = result.seq = row.seq  # the very dict the Publish holds
-            flag_modified(row, "body")  # JSON columns do not track in-place changes
+        for row, binding, result, publish in self.results:
+            number(row, result, publish)
             if binding is not None:
                 binding.result_seq = row.seq
 
@@ -362,7 +360,15 @@ def outbox(session: Session, result: BindingResult, occurred_at: datetime | None
     if not row.host:
         row.published_at = utcnow()
         return row, None
-    return row, Publish(RESULTS.name, host_routing_key(row.host), body, occurred_at, result)
+    return row, Publish(RESULTS.name, host_routing_key(row.host), dict(body), occurred_at, result)
+
+
+def number(row: ResultRow, result: BindingResult, publish: Publish | None) -> None:
+    """Once the row is inserted: its ``seq`` in the result and in the body to publish (the stored
+    body is left as written; ``ResultRow.published`` adds the seq, saving an UPDATE per result)."""
+    result.seq = row.seq
+    if publish is not None:
+        publish.body["seq"] = row.seq
 
 
 def refusal(session: Session, poison: PoisonMessage) -> Publish | None:
@@ -377,8 +383,7 @@ def refusal(session: Session, poison: PoisonMessage) -> Publish | None:
                            error=f"Refused: {poison.category}: {poison.reason}")
     row, publish = outbox(session, result, None)
     session.flush()
-    row.body["seq"] = result.seq = row.seq
-    flag_modified(row, "body")
+    number(row, result, publish)
     return publish
 
 
@@ -389,7 +394,7 @@ def unpublished_refusals(session: Session, poison: PoisonMessage) -> list[Publis
     rows = session.scalars(select(ResultRow).where(ResultRow.port_id == poison.port_id,
                                                    ResultRow.event_id == (poison.event_id or ""),
                                                    ResultRow.published_at.is_(None), ResultRow.host != ""))
-    return [Publish(RESULTS.name, host_routing_key(r.host), r.body) for r in rows]
+    return [Publish(RESULTS.name, host_routing_key(r.host), r.published()) for r in rows]
 
 
 HANDLERS: dict[str, type[StageHandler]] = {

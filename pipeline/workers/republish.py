@@ -35,7 +35,7 @@ def relay_once(engine: Engine, publisher: BatchPublisher, grace_seconds: float =
         rows = session.scalars(select(ResultRow).where(ResultRow.published_at.is_(None),
                                                        ResultRow.created_at < cutoff)
                                .order_by(ResultRow.seq).limit(limit)).all()
-    publisher.publish((RESULTS.name, host_routing_key(r.host), r.body) for r in rows)
+    publisher.publish((RESULTS.name, host_routing_key(r.host), r.published()) for r in rows)
     mark_published(engine, [r.seq for r in rows])
     return len(rows)
 
@@ -46,7 +46,8 @@ def replay_results(engine: Engine, publisher: BatchPublisher, host: str, since: 
         latest = (select(func.max(ResultRow.seq)).where(ResultRow.host == host, ResultRow.seq > since)
                   .group_by(ResultRow.port_id))
         rows = session.scalars(select(ResultRow).where(ResultRow.seq.in_(latest)).order_by(ResultRow.seq)).all()
-    return publisher.publish(((RESULTS.name, host_routing_key(host), r.body) for r in rows), headers=REPLAY_HEADER)
+    return publisher.publish(((RESULTS.name, host_routing_key(host), r.published()) for r in rows),
+                             headers=REPLAY_HEADER)
 
 
 def replay_events(engine: Engine, publisher: BatchPublisher, first: int, last: int | None = None,

@@ -1060,7 +1060,7 @@ class Run:
     def snapshot(self) -> checker.DbState:
         def read(session: Session) -> checker.DbState:
             state = checker.DbState()
-            state.results = [checker.ResultRowData(r.seq, r.event_id, r.port_id, r.host, r.body, r.published_at is not None)
+            state.results = [checker.ResultRowData(r.seq, r.event_id, r.port_id, r.host, r.published(), r.published_at is not None)
                              for r in session.scalars(select(ResultRow))]
             state.devices = [checker.DeviceData(d.host, d.address, d.dev_type, d.parent_addr, d.status, d.owner_port_id)
                              for d in session.scalars(select(PciDeviceRow))]
