@@ -7,7 +7,6 @@ all four stages, and prints what came out of it.
 
 import json
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -61,18 +60,14 @@ def run_demo(ports: int, database: Path) -> dict[str, Any]:
     settings = Settings(broker_url="memory://localhost/", database_url=f"sqlite:///{database}", queue_type="classic")
     engine = make_engine(settings.database_url)
     create_schema(engine)
-    worker = Worker(settings, engine, list(STAGES))
-    thread = threading.Thread(target=lambda: worker.run(safety_interval=0.002), daemon=True)
     with BindingClient(settings=settings) as client:
         declare_topology(client.connection, settings)  # before publishing: no queue, no delivery
         events = demo_events(load_topology(), ports, client)
         started = time.perf_counter()
-        thread.start()
-        client.publish_envelopes(events)
-        published = wait_for_results(engine, ports, timeout=120)
-        elapsed = time.perf_counter() - started
-    worker.should_stop = True
-    thread.join(10)
+        with Worker(settings, engine, list(STAGES)).running_in_thread():
+            client.publish_envelopes(events)
+            published = wait_for_results(engine, ports, timeout=120)
+            elapsed = time.perf_counter() - started
     return summarize(engine, len(events), published, elapsed, database)
 
 
@@ -135,18 +130,14 @@ def run_events(settings: Settings, engine: Engine, path: str, out: TextIO | None
         raw = [line for line in text.splitlines() if line.strip()]
     with Session(engine) as session:
         first_seq = session.scalar(select(func.max(ResultRow.seq))) or 0
-    worker = Worker(settings, engine, list(STAGES))
-    thread = threading.Thread(target=lambda: worker.run(safety_interval=0.002), daemon=True)
     with BindingClient(settings=settings) as client:
         declare_topology(client.connection, settings)
         producer = Producer(client.connection.channel())
         for body in raw:  # as published by others: the validate stage judges them
             producer.publish(body.encode(), exchange=EVENTS.name, routing_key=routing_key_of(body),
                              content_type="application/json", content_encoding="utf-8")
-        thread.start()
-        wait_until_idle(client.connection, worker)
-    worker.should_stop = True
-    thread.join(10)
+        with Worker(settings, engine, list(STAGES)).running_in_thread() as worker:
+            wait_until_idle(client.connection, worker)
     out = out or sys.stdout  # looked up now: a caller may have replaced it since import
     with Session(engine) as session:
         for row in session.scalars(select(ResultRow).where(ResultRow.seq > first_seq).order_by(ResultRow.seq)):

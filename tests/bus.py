@@ -1,18 +1,15 @@
 """Helpers for tests that run the pipeline on a broker: workers in threads, scenarios as events."""
 
 import copy
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
 from pipeline.client import BindingClient
 from pipeline.models.events import Envelope
-from pipeline.models.tables import ResultRow
 from pipeline.settings import Settings
 from pipeline.workers.consumer import Worker
 from pipeline.workers.topology import STAGES, declare_topology
@@ -22,14 +19,9 @@ from pipeline.workers.topology import STAGES, declare_topology
 def running_worker(settings: Settings, engine: Engine, stages: list[str] | None = None) -> Iterator[Worker]:
     """A worker consuming ``stages`` (default all four) in a thread, stopped gracefully at exit."""
     worker = Worker(settings, engine, list(stages or STAGES))
-    thread = threading.Thread(target=lambda: worker.run(safety_interval=0.005), daemon=True)
-    thread.start()
-    try:
+    with worker.running_in_thread(safety_interval=0.005):
         yield worker
-    finally:
-        worker.request_stop()
-        thread.join(20)
-        assert not thread.is_alive(), "the worker did not stop"
+    assert worker.stopped, "the worker did not stop"
 
 
 @contextmanager
@@ -50,11 +42,6 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout}s\n{detail()}".rstrip())
         time.sleep(interval)
-
-
-def published_results(engine: Engine) -> int:
-    with Session(engine) as session:
-        return session.scalar(select(func.count()).select_from(ResultRow).where(ResultRow.published_at.is_not(None)))
 
 
 def renamed_scenario(scenario: dict[str, Any], tag: str) -> dict[str, Any]:

@@ -54,9 +54,8 @@ def _rabbitmq_problem(url: str) -> str | None:
 def _postgres_problem(url: str) -> str | None:
     import psycopg
 
-    conninfo = re.sub(r"^postgresql\+\w+://", "postgresql://", url)
     try:
-        with psycopg.connect(conninfo, connect_timeout=3) as connection:
+        with psycopg.connect(_conninfo(url), connect_timeout=3) as connection:
             connection.execute("SELECT 1")
     except Exception as exc:
         return f"PostgreSQL at {_safe(url)} is unreachable: {type(exc).__name__}: {exc}"

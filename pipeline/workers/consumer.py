@@ -9,8 +9,9 @@ messages are retried one by one, so one bad message never takes its neighbours d
 
 import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -157,6 +158,19 @@ class Worker(ConsumerProducerMixin):
         log.info("worker started", stages=list(self.buffers), broker=self.connection.as_uri())
         self.run(safety_interval=max(self.settings.batch_wait_ms / 1000, 0.001))
         log.info("worker stopped", handled=self.handled)
+
+    @contextmanager
+    def running_in_thread(self, safety_interval: float = 0.002) -> Iterator["Worker"]:
+        """The worker consuming in a thread of this process (the embedded pipeline, tests); on
+        exit it finishes the batches in hand and stops (``stopped`` says whether it did in 20 s)."""
+        thread = threading.Thread(target=lambda: self.run(safety_interval=safety_interval), daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.request_stop()
+            thread.join(20)
+            self.stopped = not thread.is_alive()
 
     def request_stop(self, *_: Any) -> None:
         """Finish the batches in hand, ack them, then leave (prefetched ones go back to the queue)."""

@@ -37,6 +37,8 @@ def relay_once(engine: Engine, publisher: BatchPublisher, grace_seconds: float =
                                .order_by(ResultRow.seq).limit(limit)).all()
     publisher.publish((RESULTS.name, host_routing_key(r.host), r.published()) for r in rows)
     mark_published(engine, [r.seq for r in rows])
+    if rows:
+        log.warning("relayed unpublished results", count=len(rows))
     return len(rows)
 
 
@@ -75,10 +77,7 @@ class Relay:
         if time.monotonic() - self.last < self.every:
             return 0
         self.last = time.monotonic()
-        count = relay_once(self.engine, self.publisher(), self.grace)
-        if count:
-            log.warning("relayed unpublished results", count=count)
-        return count
+        return relay_once(self.engine, self.publisher(), self.grace)
 
 
 def run_relay(engine: Engine, connect: Callable[[], BatchPublisher], interval: float, grace: float,
@@ -91,9 +90,7 @@ def run_relay(engine: Engine, connect: Callable[[], BatchPublisher], interval: f
     while True:
         try:
             publisher = publisher or connect()
-            count = relay_once(engine, publisher, grace)
-            if count:
-                log.warning("relayed unpublished results", count=count)
+            relay_once(engine, publisher, grace)
         except Exception as exc:  # noqa: BLE001 - keep relaying once the services are back
             log.warning("relay pass failed, retrying", error=str(exc)[:200])
             if publisher is not None:
