@@ -153,12 +153,13 @@ def routing_key_of(body: str) -> str:
 
 
 def wait_until_idle(connection: Connection, worker: Worker, timeout: float = 600) -> None:
-    """Until every stage queue is empty and the worker holds nothing, twice in a row."""
+    """Until every stage queue is empty and the worker is idle (nothing buffered, no batch in
+    hand), twice in a row."""
     channel = connection.channel()
     deadline = time.monotonic() + timeout
     quiet = 0
     while quiet < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
         depth = sum(channel.queue_declare(f"binding.{s}", passive=True).message_count for s in STAGES)
-        quiet = quiet + 1 if depth == 0 and worker.buffered() == 0 else 0
+        quiet = quiet + 1 if depth == 0 and worker.idle else 0
     channel.close()

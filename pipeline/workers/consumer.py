@@ -68,6 +68,7 @@ class Worker(ConsumerProducerMixin):
                                                    ssl=settings.broker_ssl_options())
         self.buffers = {stage: StageBuffer(HANDLERS[stage](settings)) for stage in stages}
         self.stopping = False
+        self.flushing = False
         self.handled = 0
         self._publisher: BatchPublisher | None = None
         self._gauges_at = 0.0
@@ -127,6 +128,11 @@ class Worker(ConsumerProducerMixin):
 
     def buffered(self) -> int:
         return max(len(b.items) for b in self.buffers.values())
+
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered and no batch being handled."""
+        return self.buffered() == 0 and not self.flushing
 
     def on_iteration(self) -> None:
         now = time.monotonic()
@@ -194,9 +200,11 @@ class Worker(ConsumerProducerMixin):
         (to its DLQ) if it was poison; a poison item of a many-job hand-off is dead-lettered alone."""
         items, buffer.items = buffer.items, []
         handler = buffer.handler
+        self.flushing = True
         try:
             self.handle_batch(handler, items)
         finally:
+            self.flushing = False
             structlog.contextvars.clear_contextvars()  # the next lines are about no event in particular
 
     def handle_batch(self, handler: StageHandler, items: list[tuple[Message, Any]]) -> None:
