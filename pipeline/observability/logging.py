@@ -128,9 +128,15 @@ def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
     logging.captureWarnings(True)
 
 
+EVENT_KEYS = ("event_id", "port_id", "host", "stage", "event_type")
+
+
 def bind_event_context(event_id: str | None = None, port_id: str | None = None, host: str | None = None,
                        stage: str | None = None, **extra: Any) -> None:
-    """Forget the previous message's context and bind this one's (``None`` values are left out)."""
-    structlog.contextvars.clear_contextvars()
+    """Bind this message's context, forgetting the previous one's (``None`` values are left out).
+    The event keys are unbound one by one: ``clear_contextvars`` walks every context variable of
+    the thread, which costs more than the rest of a job's logging context."""
     context = {"event_id": event_id, "port_id": port_id, "host": host, "stage": stage, **extra}
-    structlog.contextvars.bind_contextvars(**{k: v for k, v in context.items() if v is not None})
+    present = {k: v for k, v in context.items() if v is not None}
+    structlog.contextvars.unbind_contextvars(*(k for k in EVENT_KEYS if k not in present))
+    structlog.contextvars.bind_contextvars(**present)

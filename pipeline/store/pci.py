@@ -21,19 +21,20 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, SelectionOutcome
 from pipeline.models.pci import HostPciInventory, PciDevice
 from pipeline.models.tables import HostInventoryRow, PciDeviceRow
 from pipeline.models.topology import Network
-from pipeline.stages.allocation import allocate_device
+from pipeline.stages.allocation import allocate_device, pci_request_for
 from pipeline.stages.pci_accounting import PciTracker
 from pipeline.stages.pci_devspec import DeviceSpec
 from pipeline.stages.validation import ValidatedRequest
 
 PENDING_REMOVAL = "pending_removal"
+STATE_COLUMNS = (PciDeviceRow.host, PciDeviceRow.address, PciDeviceRow.status, PciDeviceRow.owner_port_id)
 
 
 def lock_host_devices(session: Session, host: str) -> dict[str, PciDeviceRow]:
@@ -59,14 +60,33 @@ def _save_inventory(inventory_row: HostInventoryRow, inventory: HostPciInventory
 
 def _load(session: Session, host: str):  # noqa: ANN202
     """(tracker, rows, inventory row, pending) for ``host``, locked; tracker None when no inventory."""
-    inventory_row = session.get(HostInventoryRow, host, with_for_update=True)
-    if inventory_row is None:
-        return None, {}, None, {}
-    rows = lock_host_devices(session, host)
-    inventory, pending = stored_inventory(inventory_row)
-    tracker = PciTracker.from_snapshot(inventory, {a: r.status for a, r in rows.items()},
-                                       {a: r.owner_port_id for a, r in rows.items() if r.owner_port_id})
-    return tracker, rows, inventory_row, pending
+    return _load_hosts(session, [host])[host]
+
+
+def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
+    """``_load`` for many hosts in two statements; rows are locked in (host, address) order, as
+    everywhere else, so two workers never wait for each other in a cycle."""
+    hosts = sorted(set(hosts))
+    inventories = {r.host: r for r in session.scalars(
+        select(HostInventoryRow).where(HostInventoryRow.host.in_(hosts)).order_by(HostInventoryRow.host)
+        .with_for_update())}
+    devices: dict[str, dict[str, PciDeviceRow]] = {}
+    for row in session.scalars(select(PciDeviceRow).where(PciDeviceRow.host.in_(sorted(inventories)))
+                               .order_by(PciDeviceRow.host, PciDeviceRow.address).with_for_update()
+                               .options(load_only(*STATE_COLUMNS))):
+        devices.setdefault(row.host, {})[row.address] = row
+    loaded: dict[str, tuple] = {}
+    for host in hosts:
+        inventory_row = inventories.get(host)
+        if inventory_row is None:
+            loaded[host] = (None, {}, None, {})
+            continue
+        rows = devices.get(host, {})
+        inventory, pending = stored_inventory(inventory_row)
+        tracker = PciTracker.from_snapshot(inventory, {a: r.status for a, r in rows.items()},
+                                           {a: r.owner_port_id for a, r in rows.items() if r.owner_port_id})
+        loaded[host] = (tracker, rows, inventory_row, pending)
+    return loaded
 
 
 def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, dict[str, PciDeviceRow]]:
@@ -74,18 +94,20 @@ def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, dict[st
     return tracker, rows
 
 
-def write_back(session: Session, host: str, tracker: PciTracker, rows: dict[str, PciDeviceRow]) -> None:
+def write_back(session: Session, hosts: list[tuple[PciTracker, dict[str, PciDeviceRow]]]) -> None:
     """Persist changed statuses and owners; owners are cleared (and flushed) before new ones are set,
     so the PF/VF constraint never sees a transient overlap."""
-    snapshot = tracker.snapshot()
-    changed = {a: s for a, s in snapshot.items() if a in rows and (rows[a].status, rows[a].owner_port_id) != s}
-    for address, (status, owner) in changed.items():
+    changes = []
+    for tracker, rows in hosts:
+        changes += [(rows[a], s) for a, s in tracker.snapshot().items()
+                    if a in rows and (rows[a].status, rows[a].owner_port_id) != s]
+    for row, (status, owner) in changes:
         if owner is None:
-            rows[address].status, rows[address].owner_port_id = status, None
+            row.status, row.owner_port_id = status, None
     session.flush()
-    for address, (status, owner) in changed.items():
+    for row, (status, owner) in changes:
         if owner is not None:
-            rows[address].status, rows[address].owner_port_id = status, owner
+            row.status, row.owner_port_id = status, owner
     session.flush()
 
 
@@ -195,8 +217,8 @@ class HostCache:
 
     def lock(self, hosts: set[str]) -> None:
         """Load ``hosts`` now, in name order: every worker locks hosts in that order, so no deadlock."""
-        for host in sorted(hosts - set(self.loaded)):
-            self.loaded[host] = _load(self.session, host)
+        if hosts - set(self.loaded):
+            self.loaded.update(_load_hosts(self.session, sorted(hosts - set(self.loaded))))
 
     def get(self, host: str) -> tuple:
         if host not in self.loaded:
@@ -205,10 +227,9 @@ class HostCache:
 
     def flush(self, host: str | None = None) -> None:
         """Write back ``host`` (or every host) and forget it: the next use loads it afresh."""
-        for name in [host] if host is not None else list(self.loaded):
-            tracker, rows, _, _ = self.loaded.pop(name, (None, None, None, None))
-            if tracker is not None:
-                write_back(self.session, name, tracker, rows)
+        names = [host] if host is not None else list(self.loaded)
+        flushed = [self.loaded.pop(name, (None, None, None, None)) for name in names]
+        write_back(self.session, [(tracker, rows) for tracker, rows, _, _ in flushed if tracker is not None])
 
 
 def release_port(session: Session, port_id: str, cache: HostCache | None = None) -> list[str]:
@@ -237,6 +258,8 @@ def release_port(session: Session, port_id: str, cache: HostCache | None = None)
 def allocate(session: Session, request: ValidatedRequest, selection: SelectionOutcome,
              network: Network, cache: HostCache | None = None) -> AllocationDecision:
     """Stage 3 on the host's locked devices; written back at once, or by ``cache.flush()``."""
+    if pci_request_for(request, selection, network) is None:
+        return allocate_device(request, selection, network, None)  # no device: no host to load and lock
     own = cache is None
     cache = cache or HostCache(session)
     tracker = cache.get(request.port.host)[0]

@@ -117,6 +117,12 @@ def lock_ports(session: Session, port_ids: list[str]) -> dict[str, PortRow]:
     return {r.id: r for r in rows}
 
 
+def lock_port_revisions(session: Session, port_ids: list[str]) -> dict[str, int]:
+    """``lock_ports`` for a stage that only compares revisions: no row objects built."""
+    return dict(session.execute(select(PortRow.id, PortRow.revision).where(PortRow.id.in_(port_ids))
+                                .order_by(PortRow.id).with_for_update()).all())
+
+
 def store_port(session: Session, row: PortRow | None, port: Port) -> tuple[PortRow, bool]:
     """Create or replace a port's stored object; also says whether its binding inputs changed."""
     body = port.model_dump(mode="json", exclude={"id", "network_id", "host", "vnic_type", "profile"})

@@ -247,12 +247,11 @@ class PortLockingHandler(StageHandler):
     ``bind`` job whose revision is no longer the port's is dropped as stale."""
 
     def handle(self, session: Session, items: list[BindingJob]) -> list[Publish]:
-        self.locked = topo.lock_ports(session, sorted({j.port_id for j in items}))
+        self.revisions = topo.lock_port_revisions(session, sorted({j.port_id for j in items}))
         return super().handle(session, items)
 
     def is_stale(self, job: BindingJob) -> bool:
-        row = self.locked.get(job.port_id)
-        return job.action == "bind" and (row is None or row.revision != job.revision)
+        return job.action == "bind" and self.revisions.get(job.port_id) != job.revision
 
 
 class AllocateHandler(PortLockingHandler):
