@@ -68,7 +68,7 @@ class Pipeline:
         for stage in STAGES[STAGES.index(first):STAGES.index(last) + 1]:
             handler = self.handlers[stage]
             out = run_transaction(self.engine, lambda session, h=handler, i=items: h.handle(session, i))
-            items = [BindingJob.model_validate(p.body) for p in out if p.exchange == STAGE_EXCHANGE.name]
+            items = [BindingJob.model_validate_json(p.body) for p in out if p.exchange == STAGE_EXCHANGE.name]
         return items
 
     def send_or_dead_letter(self, kind: str, payload: dict, at: datetime) -> None:

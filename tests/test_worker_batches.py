@@ -15,7 +15,14 @@ from pipeline.models.jobs import BindingJob
 from pipeline.settings import Settings
 from pipeline.workers import handlers
 from pipeline.workers.consumer import Worker
-from pipeline.workers.messages import HANDOFF_JOBS, PoisonMessage, Publish, decode_jobs, handoff_messages
+from pipeline.workers.messages import (
+    HANDOFF_JOBS,
+    PoisonMessage,
+    Publish,
+    decode_jobs,
+    handoff_messages,
+    job_json,
+)
 from pipeline.workers.publisher import BatchPublisher
 from pipeline.workers.topology import STAGE_EXCHANGE, declare_topology, dead_letter_queue
 
@@ -26,14 +33,24 @@ def job(number: int) -> dict:
 
 
 def test_hand_offs_group_jobs_and_keep_results_single():
-    outputs = [Publish(STAGE_EXCHANGE.name, "select", job(n)) for n in range(HANDOFF_JOBS + 3)]
+    """Jobs travel encoded once (``job_json``); a job re-published from a stored mark is a dict."""
+    jobs = [BindingJob.model_validate(job(n)) for n in range(HANDOFF_JOBS + 2)]
+    outputs = [Publish(STAGE_EXCHANGE.name, "select", job_json(j)) for j in jobs]
+    outputs.append(Publish(STAGE_EXCHANGE.name, "select", job(HANDOFF_JOBS + 2)))
     outputs.append(Publish("binding.results", "host.h1", {"seq": 1}))
     messages = handoff_messages(outputs)
-    assert [(e, k, len(b.get("jobs", []))) for e, k, b in messages] == [
-        ("binding.results", "host.h1", 0), (STAGE_EXCHANGE.name, "select", HANDOFF_JOBS),
-        (STAGE_EXCHANGE.name, "select", 3)]
-    assert [j.job_id for j in decode_jobs(b'{"jobs": [' + b",".join(
-        __import__("orjson").dumps(job(n)) for n in range(3)) + b"]}")] == ["e0:p0", "e1:p1", "e2:p2"]
+    assert [(e, k) for e, k, _ in messages] == [
+        ("binding.results", "host.h1"), (STAGE_EXCHANGE.name, "select"), (STAGE_EXCHANGE.name, "select")]
+    assert messages[0][2] == {"seq": 1}
+    assert [[j.job_id for j in decode_jobs(body)] for _, _, body in messages[1:]] == [
+        [f"e{n}:p{n}" for n in range(HANDOFF_JOBS)], [f"e{n}:p{n}" for n in range(HANDOFF_JOBS, HANDOFF_JOBS + 3)]]
+    assert decode_jobs(messages[1][2])[0].model_dump() == jobs[0].model_dump()
+
+
+def test_a_job_travels_without_its_defaults_and_decodes_whole():
+    full = BindingJob.model_validate(job(1))
+    assert b"old_host" not in job_json(full) and b"context" not in job_json(full)
+    assert BindingJob.model_validate_json(job_json(full)).model_dump() == full.model_dump()
 
 
 def test_a_bad_job_is_named_by_position_and_ids():

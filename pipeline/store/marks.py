@@ -6,6 +6,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from pipeline.db import among
 from pipeline.models.events import Envelope
 from pipeline.models.tables import EventLog, StageMark, utcnow
 
@@ -27,7 +28,7 @@ def stored_outputs(session: Session, job_ids: list[str], stage: str) -> dict[str
     if not job_ids:
         return {}
     rows = session.execute(select(StageMark.job_id, StageMark.output)
-                           .where(StageMark.stage == stage, StageMark.job_id.in_(job_ids)))
+                           .where(StageMark.stage == stage, among(session, StageMark.job_id, job_ids)))
     return {job_id: output for job_id, output in rows}
 
 

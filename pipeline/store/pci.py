@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, load_only
 
+from pipeline.db import among
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, SelectionOutcome
 from pipeline.models.pci import HostPciInventory, PciDevice
@@ -68,10 +69,10 @@ def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
     everywhere else, so two workers never wait for each other in a cycle."""
     hosts = sorted(set(hosts))
     inventories = {r.host: r for r in session.scalars(
-        select(HostInventoryRow).where(HostInventoryRow.host.in_(hosts)).order_by(HostInventoryRow.host)
+        select(HostInventoryRow).where(among(session, HostInventoryRow.host, hosts)).order_by(HostInventoryRow.host)
         .with_for_update())}
     devices: dict[str, dict[str, PciDeviceRow]] = {}
-    for row in session.scalars(select(PciDeviceRow).where(PciDeviceRow.host.in_(sorted(inventories)))
+    for row in session.scalars(select(PciDeviceRow).where(among(session, PciDeviceRow.host, inventories))
                                .order_by(PciDeviceRow.host, PciDeviceRow.address).with_for_update()
                                .options(load_only(*STATE_COLUMNS))):
         devices.setdefault(row.host, {})[row.address] = row
@@ -204,7 +205,7 @@ def device_holders(session: Session, port_ids: list[str]) -> set[str]:
     """Which of ``port_ids`` hold a device (on any host)."""
     if not port_ids:
         return set()
-    return set(session.scalars(select(PciDeviceRow.owner_port_id).where(PciDeviceRow.owner_port_id.in_(port_ids))))
+    return set(session.scalars(select(PciDeviceRow.owner_port_id).where(among(session, PciDeviceRow.owner_port_id, port_ids))))
 
 
 class HostCache:

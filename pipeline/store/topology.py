@@ -6,6 +6,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from pipeline.db import among
 from pipeline.models.tables import AgentRow, BindingRow, NetworkRow, PortRow, SegmentRow
 from pipeline.models.topology import Agent, Network, Port, Segment, Subnet
 from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES
@@ -48,7 +49,7 @@ def load_agents(session: Session, hosts: set[str], at: datetime, down_time: int)
 
 
 def agent_rows(session: Session, hosts: set[str]) -> list[AgentRow]:
-    return list(session.scalars(select(AgentRow).where(AgentRow.host.in_(hosts))
+    return list(session.scalars(select(AgentRow).where(among(session, AgentRow.host, hosts))
                                 .order_by(AgentRow.host, AgentRow.position)))
 
 
@@ -87,8 +88,8 @@ def delete_network(session: Session, network_id: str) -> None:
 
 def load_networks(session: Session, network_ids: set[str]) -> dict[str, Network]:
     networks = {r.id: Network(id=r.id, subnets=[Subnet.model_validate(s) for s in r.subnets])
-                for r in session.scalars(select(NetworkRow).where(NetworkRow.id.in_(network_ids)))}
-    for seg in session.scalars(select(SegmentRow).where(SegmentRow.network_id.in_(network_ids),
+                for r in session.scalars(select(NetworkRow).where(among(session, NetworkRow.id, network_ids)))}
+    for seg in session.scalars(select(SegmentRow).where(among(session, SegmentRow.network_id, network_ids),
                                                         SegmentRow.is_dynamic.is_(False))
                                .order_by(SegmentRow.network_id, SegmentRow.position)):
         networks[seg.network_id].segments.append(Segment(
@@ -112,14 +113,14 @@ def port_from_row(row: PortRow) -> Port:
 
 def lock_ports(session: Session, port_ids: list[str]) -> dict[str, PortRow]:
     """Port rows locked in id order (the same order everywhere, so no deadlock)."""
-    rows = session.scalars(select(PortRow).where(PortRow.id.in_(port_ids)).order_by(PortRow.id)
+    rows = session.scalars(select(PortRow).where(among(session, PortRow.id, port_ids)).order_by(PortRow.id)
                            .with_for_update()).all()
     return {r.id: r for r in rows}
 
 
 def lock_port_revisions(session: Session, port_ids: list[str]) -> dict[str, int]:
     """``lock_ports`` for a stage that only compares revisions: no row objects built."""
-    return dict(session.execute(select(PortRow.id, PortRow.revision).where(PortRow.id.in_(port_ids))
+    return dict(session.execute(select(PortRow.id, PortRow.revision).where(among(session, PortRow.id, port_ids))
                                 .order_by(PortRow.id).with_for_update()).all())
 
 
@@ -141,7 +142,7 @@ def store_port(session: Session, row: PortRow | None, port: Port) -> tuple[PortR
 
 def bindings_of(session: Session, port_ids: list[str]) -> list[BindingRow]:
     """Every binding (any host) of ``port_ids``."""
-    return list(session.scalars(select(BindingRow).where(BindingRow.port_id.in_(port_ids)))) if port_ids else []
+    return list(session.scalars(select(BindingRow).where(among(session, BindingRow.port_id, port_ids)))) if port_ids else []
 
 
 def failed_ports_on_host(session: Session, host: str) -> list[str]:

@@ -26,7 +26,7 @@ from kombu.mixins import ConsumerProducerMixin
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from pipeline.db import is_transient, run_transaction
+from pipeline.db import among, is_transient, run_transaction
 from pipeline.models.binding import BindingResult
 from pipeline.models.reasons import failure_reason_category, primary_decline
 from pipeline.models.tables import DeadLetter, ResultRow
@@ -350,7 +350,7 @@ def mark_published(engine: Engine, seqs: list[int]) -> None:
     """The outbox side of a confirmed publish: these results need no relay."""
     if seqs:
         run_transaction(engine, lambda s: s.execute(
-            update(ResultRow).where(ResultRow.seq.in_(seqs)).values(published_at=datetime.now(UTC))))
+            update(ResultRow).where(among(s, ResultRow.seq, seqs)).values(published_at=datetime.now(UTC))))
 
 
 def reason_category(result: BindingResult) -> str:

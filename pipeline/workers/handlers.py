@@ -9,9 +9,10 @@ changes nothing.
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from pipeline.db import among
 from pipeline.drivers.api import OriginalBinding
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, BindingResult, DriverConfig
@@ -28,7 +29,7 @@ from pipeline.stages.validation import ValidatedRequest, validate_request
 from pipeline.store import pci as pci_store
 from pipeline.store import topology as topo
 from pipeline.store.marks import add_marks, record_events, stored_outputs
-from pipeline.workers.messages import PoisonMessage, Publish, decode_envelope, decode_jobs
+from pipeline.workers.messages import PoisonMessage, Publish, decode_envelope, decode_jobs, job_json
 from pipeline.workers.signing import check_signature
 from pipeline.workers.topology import RESULTS, STAGE_EXCHANGE, host_routing_key
 
@@ -39,7 +40,7 @@ def validated(job: BindingJob) -> ValidatedRequest:
 
 
 def hand_on(job: BindingJob, stage: str) -> Publish:
-    return Publish(STAGE_EXCHANGE.name, stage, job.model_dump(mode="json"))
+    return Publish(STAGE_EXCHANGE.name, stage, job_json(job))
 
 
 class StageHandler:
@@ -287,7 +288,7 @@ class ComposeHandler(PortLockingHandler):
 
     def redelivered(self, session: Session, previous: list[dict[str, Any]]) -> list[Publish]:
         seqs = [p["body"]["seq"] for p in previous]
-        unpublished = set(session.scalars(select(ResultRow.seq).where(ResultRow.seq.in_(seqs),
+        unpublished = set(session.scalars(select(ResultRow.seq).where(among(session, ResultRow.seq, seqs),
                                                                       ResultRow.published_at.is_(None))))
         return [Publish.from_json(p) for p in previous if p["body"]["seq"] in unpublished]
 
@@ -343,7 +344,8 @@ class ComposeHandler(PortLockingHandler):
         return publish
 
     def finish(self, session: Session) -> None:
-        session.flush()  # one multi-row INSERT … RETURNING gives every result its seq
+        reserve_seqs(session, [row for row, _, _, _ in self.results])
+        session.flush()
         for row, binding, result, publish in self.results:
             number(row, result, publish)
             if binding is not None:
@@ -360,6 +362,19 @@ def outbox(session: Session, result: BindingResult, occurred_at: datetime | None
         row.published_at = utcnow()
         return row, None
     return row, Publish(RESULTS.name, host_routing_key(row.host), dict(body), occurred_at, result)
+
+
+def reserve_seqs(session: Session, rows: list[ResultRow]) -> None:
+    """On PostgreSQL, take the rows' ``seq`` from the sequence in one query before inserting them:
+    the INSERT then needs no RETURNING, and is one prepared statement run for every row, instead of
+    a multi-row INSERT … RETURNING whose long text psycopg parses anew each batch (measured: ~20 µs
+    per result). SQLite numbers them as it inserts them."""
+    if rows and session.get_bind().dialect.name == "postgresql":
+        with session.no_autoflush:  # the rows must not be inserted before they have their seq
+            seqs = sorted(session.scalars(text("SELECT nextval(pg_get_serial_sequence('results', 'seq')) "
+                                               "FROM generate_series(1, :n)"), {"n": len(rows)}))
+        for row, seq in zip(rows, seqs, strict=True):
+            row.seq = seq
 
 
 def number(row: ResultRow, result: BindingResult, publish: Publish | None) -> None:
@@ -381,6 +396,7 @@ def refusal(session: Session, poison: PoisonMessage) -> Publish | None:
                            vif_type=v.VIF_TYPE_BINDING_FAILED, vif_details={},
                            error=f"Refused: {poison.category}: {poison.reason}")
     row, publish = outbox(session, result, None)
+    reserve_seqs(session, [row])
     session.flush()
     number(row, result, publish)
     return publish

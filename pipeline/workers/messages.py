@@ -30,14 +30,18 @@ class PoisonMessage(Exception):
 
 @dataclass(frozen=True)
 class Publish:
+    """A message to send. ``body`` is a dict, or a job already serialized (``job_json``), so that
+    the bytes written to the stage mark and sent to the next stage are encoded once."""
+
     exchange: str
     routing_key: str
-    body: dict[str, Any]
+    body: dict[str, Any] | bytes
     occurred_at: datetime | None = field(default=None, compare=False)  # of the event, for the latency metric
     result: BindingResult | None = field(default=None, compare=False)  # what ``body`` holds, for logs and metrics
 
     def as_json(self) -> dict[str, Any]:
-        return {"exchange": self.exchange, "routing_key": self.routing_key, "body": self.body}
+        body = orjson.Fragment(self.body) if isinstance(self.body, bytes) else self.body
+        return {"exchange": self.exchange, "routing_key": self.routing_key, "body": body}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Publish":
@@ -115,17 +119,23 @@ def decode_jobs(body: bytes | str) -> list[BindingJob]:
     return decoded
 
 
-def handoff_messages(outputs: list["Publish"]) -> list[tuple[str, str, dict[str, Any]]]:
+def job_json(job: BindingJob) -> bytes:
+    """A job as it travels: fields at their default are left out (decoding restores them)."""
+    return job.model_dump_json(exclude_defaults=True).encode()
+
+
+def handoff_messages(outputs: list["Publish"]) -> list[tuple[str, str, dict[str, Any] | bytes]]:
     """What to send for a batch's outputs: results one by one (each host reads its own), hand-offs
     to the next stage grouped ``HANDOFF_JOBS`` to a message — one publish for many jobs."""
-    messages: list[tuple[str, str, dict[str, Any]]] = []
-    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    messages: list[tuple[str, str, dict[str, Any] | bytes]] = []
+    grouped: dict[tuple[str, str], list[bytes]] = {}
     for out in outputs:
         if out.exchange == STAGE_EXCHANGE.name:
-            grouped.setdefault((out.exchange, out.routing_key), []).append(out.body)
+            body = out.body if isinstance(out.body, bytes) else orjson.dumps(out.body)
+            grouped.setdefault((out.exchange, out.routing_key), []).append(body)
         else:
             messages.append((out.exchange, out.routing_key, out.body))
     for (exchange, routing_key), jobs in grouped.items():
-        messages += [(exchange, routing_key, {"jobs": jobs[i:i + HANDOFF_JOBS]})
+        messages += [(exchange, routing_key, b'{"jobs":[' + b",".join(jobs[i:i + HANDOFF_JOBS]) + b"]}")
                      for i in range(0, len(jobs), HANDOFF_JOBS)]
     return messages

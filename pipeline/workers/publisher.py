@@ -51,14 +51,16 @@ class BatchPublisher:
         self._on_ack(delivery_tag, multiple)
         self.nacked = True
 
-    def publish(self, messages: Iterable[tuple[str, str, dict[str, Any]]], headers: dict[str, Any] | None = None) -> int:
-        """Publish ``(exchange, routing_key, body)`` persistently; return once all are confirmed."""
+    def publish(self, messages: Iterable[tuple[str, str, dict[str, Any] | bytes]],
+                headers: dict[str, Any] | None = None) -> int:
+        """Publish ``(exchange, routing_key, body)`` persistently; return once all are confirmed.
+        A ``bytes`` body is JSON already."""
         count = 0
         for exchange, routing_key, body in messages:
             self.sent += 1
             if self.confirms:
                 self.pending.add(self.sent)  # before publishing: its ack may be read while we publish
-            data = orjson.dumps(body)
+            data = body if isinstance(body, bytes) else orjson.dumps(body)
             signed = self.sign(data) if self.sign else None
             self.producer.publish(data, exchange=exchange, routing_key=routing_key,
                                   content_type="application/json", content_encoding="utf-8",
