@@ -28,6 +28,7 @@ Nova, whose own pick depends on pool order): ``prefer`` when it is a candidate, 
 then the lowest address. Same state and request, same device.
 """
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -163,15 +164,21 @@ class PciTracker:
         Only the shape is checked (tracked addresses, known statuses): an inconsistent state is
         loaded as is, so that ``invariant_violations`` can report it.
         """
-        tracker = cls(inventory)
+        return cls(inventory).with_state(statuses, owners)
+
+    def with_state(self, statuses: Mapping[str, str], owners: Mapping[str, str]) -> "PciTracker":
+        """A copy of this tracker in a persisted state (see ``from_snapshot``). The copy shares what
+        never changes (inventory, device spec, device tree), so an idle tracker built once per
+        inventory serves every later load of its host."""
         for name, mapping in (("statuses", statuses), ("owners", owners)):
-            unknown = sorted(set(mapping) - set(tracker._devices))
+            unknown = sorted(set(mapping) - set(self._devices))
             if unknown:
                 raise ValueError(f"{name}: {', '.join(unknown)} not tracked on this host")
         bad = {a: s for a, s in statuses.items() if s not in v.PCI_STATUSES}
         if bad:
             raise ValueError(f"statuses: unknown status {bad}; expected one of {', '.join(v.PCI_STATUSES)}")
-        tracker._status.update(statuses)
+        tracker = copy.copy(self)
+        tracker._status = {**dict.fromkeys(self._devices, v.PCI_AVAILABLE), **statuses}
         tracker._owner = {a: p for a, p in owners.items() if p is not None}
         return tracker
 
