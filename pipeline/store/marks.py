@@ -11,16 +11,18 @@ from pipeline.models.events import Envelope
 from pipeline.models.tables import EventLog, StageMark, utcnow
 
 
-def record_events(session: Session, envelopes: list[Envelope]) -> set[str]:
-    """Append to the event log in one statement; the event_ids that were new (the rest were seen before)."""
+def record_events(session: Session, envelopes: list[Envelope]) -> None:
+    """Append to the event log (one statement run for every row). An event_id logged before is
+    skipped here; its handling is refused by the validate mark, which shares its commit: a copy
+    handled concurrently by another worker conflicts on the mark's key and is retried as a
+    duplicate. (No RETURNING: a multi-row INSERT … RETURNING is a new long statement per batch.)"""
     if not envelopes:
-        return set()
+        return
     dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
-    stmt = dialect.insert(EventLog).on_conflict_do_nothing().returning(EventLog.event_id)
     now = utcnow()
-    rows = [{"event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at,
-             "received_at": now, "envelope": e.model_dump(mode="json")} for e in envelopes]
-    return set(session.scalars(stmt, rows))  # executemany: one cached statement, batched VALUES
+    session.execute(dialect.insert(EventLog).on_conflict_do_nothing(), [
+        {"event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at, "received_at": now,
+         "envelope": e.model_dump(mode="json")} for e in envelopes])
 
 
 def stored_outputs(session: Session, job_ids: list[str], stage: str) -> dict[str, list[Any]]:
