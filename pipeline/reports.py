@@ -126,6 +126,9 @@ def _verdict(job: BindingJob | None, reached: list[str], outputs: dict[str, Any]
                               "deleted the port")
     if last == "compose":
         return "unknown", "compose handed on results that the results table does not hold"
+    if last == "validate":  # select keeps no marks: the job waits for select, or for allocate after it
+        return "in_progress", ("handled up to validate; waiting in queue binding.select or binding.allocate "
+                               "(are their workers running?)")
     waiting = STAGES[STAGES.index(last) + 1]
     return "in_progress", f"handled up to {last}; waiting in queue binding.{waiting} (is its worker running?)"
 
@@ -134,7 +137,8 @@ def _attempt(data: dict[str, Any], port_id: str, event_id: str) -> dict[str, Any
     marks, events = data["marks"], data["events"]
     job_id = f"{event_id}:{port_id}"
     outputs = {stage: marks.get((event_id if stage == "validate" else job_id, stage)) for stage in STAGES}
-    reached = [stage for stage in STAGES if outputs[stage] is not None]
+    reached = [stage for stage in STAGES if outputs[stage] is not None
+               or stage == "select" and outputs["allocate"] is not None]  # select keeps no marks
     validated = _job_in(outputs["validate"], job_id)
     job = _job_in(outputs["allocate"], job_id) or _job_in(outputs["select"], job_id) or validated
     results = [r for r in data["results"] if r.event_id == event_id]

@@ -135,13 +135,15 @@ def test_replay_results_republishes_a_hosts_current_bindings(settings, pg_engine
 def test_replay_of_events_allocates_nothing_twice_and_finishes_what_was_lost(settings, pg_engine):
     hosts = ["sr-a"]
     with bus_client(settings) as client:
-        with running_worker(settings, pg_engine, ["validate", "select"]):  # allocate and compose are down
-            client.publish_envelopes(sriov_topology(client, hosts, vfs=4))
-            client.publish_envelopes([client.envelope("port.create", port(f"p{i}", "sr-a")) for i in range(6)])
-            with Connection(settings.broker_url) as connection:
-                wait_until(lambda: marks(pg_engine, "select") == 6)
-                wait_until(lambda: queue_depth(connection, "binding.allocate") > 0)
-                connection.default_channel.queue_purge("binding.allocate")  # the hand-offs are lost
+        with Connection(settings.broker_url) as connection:
+            with running_worker(settings, pg_engine, ["validate", "select"]):  # allocate and compose are down
+                client.publish_envelopes(sriov_topology(client, hosts, vfs=4))
+                client.publish_envelopes([client.envelope("port.create", port(f"p{i}", "sr-a")) for i in range(6)])
+                wait_until(lambda: marks(pg_engine, "validate") == 1 + 2 + 6)
+                wait_until(lambda: queue_depth(connection, "binding.select") == 0)
+            # the workers have stopped, so every job select took is in binding.allocate now
+            assert queue_depth(connection, "binding.allocate") > 0
+            connection.default_channel.queue_purge("binding.allocate")  # the hand-offs are lost
         with running_worker(settings, pg_engine), Connection(settings.broker_url) as connection:
             assert replay_events(pg_engine, BatchPublisher(connection), 1) == 1 + 2 + 6
             wait_until(lambda: result_count(pg_engine) == 6)

@@ -6,6 +6,7 @@ stage's mark for the job, so a redelivered message re-publishes what was handed 
 changes nothing.
 """
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +46,7 @@ def hand_on(job: BindingJob, stage: str) -> Publish:
 
 class StageHandler:
     stage = ""
+    marks_handled = True  # False: a stage that changes nothing keeps no marks (see SelectHandler)
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -81,8 +83,13 @@ class StageHandler:
                 produced[key] = self.handle_one(session, item)
                 out += produced[key]
         self.finish(session)
-        add_marks(session, self.stage, {key: [p.as_json() for p in ps] for key, ps in produced.items()})
+        if self.marks_handled:
+            add_marks(session, self.stage, {key: self.mark_output(ps) for key, ps in produced.items()})
         return out
+
+    def mark_output(self, produced: list[Publish]) -> list[Any]:
+        """What the mark keeps of a job's output: enough for ``redelivered`` to send it again."""
+        return [p.as_json() for p in produced]
 
     def prepare(self, session: Session, items: list[Any]) -> None:
         """Load in bulk what ``handle_one`` will need for ``items`` (the batch's new items)."""
@@ -212,9 +219,14 @@ class ValidateHandler(StageHandler):
 
 
 class SelectHandler(StageHandler):
-    """Stage 2 over the stored topology, with agent liveness judged at the event's time."""
+    """Stage 2 over the stored topology, with agent liveness judged at the event's time.
+
+    It changes nothing, so it marks nothing (the mark and its copy of the job were its largest
+    cost): a redelivered job is selected again, and the copies meet at allocate, whose mark lets
+    one through. Only a job dead-lettered here gets a mark, so a redelivery skips it."""
 
     stage = "select"
+    marks_handled = False
 
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
         ports = [j.port for j in items if j.port is not None]
@@ -284,11 +296,15 @@ class ComposeHandler(PortLockingHandler):
 
     stage = "compose"
 
-    def redelivered(self, session: Session, previous: list[dict[str, Any]]) -> list[Publish]:
-        seqs = [p["body"]["seq"] for p in previous]
-        unpublished = set(session.scalars(select(ResultRow.seq).where(among(session, ResultRow.seq, seqs),
-                                                                      ResultRow.published_at.is_(None))))
-        return [Publish.from_json(p) for p in previous if p["body"]["seq"] in unpublished]
+    def mark_output(self, produced: list[Publish]) -> list[Any]:
+        """Only the results' seqs: the results table holds them whole."""
+        return [p.body["seq"] for p in produced]
+
+    def redelivered(self, session: Session, previous: list[int]) -> list[Publish]:
+        """The job's results that were not confirmed as published yet (the relay would send them too)."""
+        return resent(session.scalars(select(ResultRow).where(among(session, ResultRow.seq, previous),
+                                                              ResultRow.published_at.is_(None))
+                                      .order_by(ResultRow.seq)))
 
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
         self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, [j.port_id for j in items])}
@@ -404,9 +420,13 @@ def unpublished_refusals(session: Session, poison: PoisonMessage) -> list[Publis
     """The refusal results of ``poison``'s event that a crash left unpublished."""
     if poison.port_id is None:
         return []
-    rows = session.scalars(select(ResultRow).where(ResultRow.port_id == poison.port_id,
-                                                   ResultRow.event_id == (poison.event_id or ""),
-                                                   ResultRow.published_at.is_(None), ResultRow.host != ""))
+    return resent(session.scalars(select(ResultRow).where(ResultRow.port_id == poison.port_id,
+                                                          ResultRow.event_id == (poison.event_id or ""),
+                                                          ResultRow.published_at.is_(None), ResultRow.host != "")))
+
+
+def resent(rows: Iterable[ResultRow]) -> list[Publish]:
+    """Stored results to publish again, as they were (with their seq)."""
     return [Publish(RESULTS.name, host_routing_key(r.host), r.published()) for r in rows]
 
 
