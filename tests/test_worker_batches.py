@@ -137,3 +137,35 @@ def test_a_transient_failure_requeues_and_the_retry_succeeds(embedded, monkeypat
     with engine.connect() as db:
         assert db.execute(sa.text("select count(*) from dead_letters")).scalar() == 0
     assert failures == ["p1"]
+
+
+class FakeDelivery:
+    def __init__(self, tag: int, acks: list):
+        self.delivery_tag, self.acks = tag, acks
+
+    def ack(self, multiple: bool = False) -> None:
+        self.acks.append((self.delivery_tag, multiple))
+
+
+@pytest.mark.parametrize(("in_hand", "batch", "expected"), [
+    ({1, 2, 3}, [1, 2, 3], [(3, True)]),  # all the channel holds: one frame
+    ({1, 2, 3, 4}, [1, 2, 3], [(3, True)]),  # a later delivery waits; the multiple ack stops below it
+    ({1, 2, 3}, [2, 3], [(2, False), (3, False)]),  # 1 is another stage's, not handled yet: one by one
+    ({5}, [5], [(5, False)]),
+])
+def test_a_batch_is_acked_with_one_frame_only_when_nothing_unhandled_is_below_it(in_hand, batch, expected):
+    worker = Worker(Settings(broker_url="amqp://guest:guest@127.0.0.1:5672//"), None, ["validate"])
+    acks: list = []
+    worker.unsettled = set(in_hand)
+    worker.ack_all([FakeDelivery(tag, acks) for tag in batch])
+    assert acks == expected
+    assert worker.unsettled == set(in_hand) - set(batch)
+
+
+def test_the_in_memory_transport_is_acked_one_by_one(embedded):
+    settings, engine, connection = embedded
+    worker = Worker(settings, engine, ["validate"], connection=connection)
+    acks: list = []
+    worker.unsettled = {1, 2}
+    worker.ack_all([FakeDelivery(1, acks), FakeDelivery(2, acks)])
+    assert acks == [(1, False), (2, False)]  # it ignores ``multiple``

@@ -70,6 +70,7 @@ class Worker(ConsumerProducerMixin):
         self.buffers = {stage: StageBuffer(HANDLERS[stage](settings)) for stage in stages}
         self.stopping = False
         self.flushing = False
+        self.unsettled: set[int] = set()  # delivery tags of this channel not acked or rejected yet
         self.handled = 0
         self._publisher: BatchPublisher | None = None
         self._gauges_at = 0.0
@@ -85,6 +86,7 @@ class Worker(ConsumerProducerMixin):
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
         for buffer in self.buffers.values():
             buffer.items = []  # deliveries of a lost connection come back by themselves
+        self.unsettled = set()
         queues = [stage_queue(stage, self.settings, no_declare=True) for stage in self.buffers]
         if self.settings.declare_topology:
             declare_topology(self.connection, self.settings)
@@ -104,6 +106,7 @@ class Worker(ConsumerProducerMixin):
     def receive(self, buffer: StageBuffer, message: Message) -> None:
         """Decode a delivery as it arrives; poison is dead-lettered at once, on its first delivery."""
         handler = buffer.handler
+        self.unsettled.add(message.delivery_tag)
         try:
             buffer.add(message, handler.decode(message.body, message.headers))
         except PoisonMessage as poison:
@@ -225,12 +228,30 @@ class Worker(ConsumerProducerMixin):
                 message, item = items[0]
                 poison = self.failure(handler, item, exc)
                 if poison is None:
-                    message.requeue()
+                    self.settle(message, message.requeue)
                 else:
                     self.dead_letter(handler.stage, message, poison)
             return
-        for message in dict.fromkeys(m for m, _ in items):
-            message.ack()
+        self.ack_all(list(dict.fromkeys(m for m, _ in items)))
+
+    def settle(self, message: Message, how: Callable[[], None]) -> None:
+        how()
+        self.unsettled.discard(message.delivery_tag)
+
+    def ack_all(self, messages: list[Message]) -> None:
+        """Ack a batch's deliveries. On RabbitMQ one ``multiple`` ack covers them all when every
+        unsettled delivery of the channel up to the highest tag is among them, as it always is for
+        a one-stage worker (a batch takes all it has in hand): one frame, not one per message.
+        (The in-memory transport ignores ``multiple``: there, one by one.)"""
+        tags = {m.delivery_tag for m in messages}
+        top = max(messages, key=lambda m: m.delivery_tag)
+        if (len(messages) > 1 and self.connection.transport.driver_type == "amqp"
+                and all(tag in tags for tag in self.unsettled if tag <= top.delivery_tag)):
+            top.ack(multiple=True)
+        else:
+            for message in messages:
+                message.ack()
+        self.unsettled -= tags
 
     def one_by_one(self, handler: StageHandler, items: list[tuple[Message, Any]]) -> None:
         verdicts: dict[Message, list[tuple[str, Any, PoisonMessage | None]]] = {}
@@ -245,7 +266,7 @@ class Worker(ConsumerProducerMixin):
                 verdicts.setdefault(message, []).append(("requeue" if poison is None else "poison", item, poison))
         for message, outcomes in verdicts.items():
             if any(kind == "requeue" for kind, _, _ in outcomes):
-                message.requeue()  # the items already handled are recognised by their marks
+                self.settle(message, message.requeue)  # the items already handled are recognised by their marks
                 continue
             poisoned = [(item, poison) for kind, item, poison in outcomes if kind == "poison"]
             if len(outcomes) == 1 and poisoned:
@@ -253,7 +274,7 @@ class Worker(ConsumerProducerMixin):
                 continue
             for item, poison in poisoned:
                 self.dead_letter_item(handler, item, poison)
-            message.ack()
+            self.settle(message, message.ack)
 
     def failure(self, handler: StageHandler, item: Any, exc: Exception) -> PoisonMessage | None:
         """What a failed item is: None when a retry may cure it (transient), else the poison."""
@@ -301,7 +322,7 @@ class Worker(ConsumerProducerMixin):
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
         redelivered = bool((message.delivery_info or {}).get("redelivered"))
         self.record_dead_letter(stage, body.decode("utf-8", errors="replace"), poison, redelivered=redelivered)
-        message.reject(requeue=False)
+        self.settle(message, partial(message.reject, requeue=False))
 
     def dead_letter_item(self, handler: StageHandler, item: Any, poison: PoisonMessage) -> None:
         """One poison job of a many-job hand-off: recorded (with an empty mark, so a redelivered
