@@ -1,6 +1,7 @@
 """Structured logs: one stream (stderr) for structlog and for the stdlib loggers of kombu, amqp, sqlalchemy.
 
-Processor chain, for structlog calls and (via ``ProcessorFormatter``) for stdlib records alike::
+Processor chain, for structlog calls (rendered and written to stderr directly) and, via
+``ProcessorFormatter``, for stdlib records alike::
 
     merge_contextvars -> add_log_level -> TimeStamper(iso, utc) -> StackInfoRenderer
       -> format_exc_info (json only) -> redact_secrets -> JSONRenderer | ConsoleRenderer
@@ -80,6 +81,20 @@ def _redacted_traceback(sio: TextIO, exc_info: Any) -> None:
     sio.write("\n" + redact_text("".join(traceback.format_exception(*exc_info))).rstrip("\n"))
 
 
+class _StderrLogger:
+    """structlog's output: each rendered line to ``sys.stderr`` as it is when written (a binding
+    made at configure time would outlive a swapped stream, e.g. pytest's capture)."""
+
+    def msg(self, message: str) -> None:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+_STDERR = _StderrLogger()
+
+
 def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
     """Configure structlog and the stdlib root logger once per process (calling again reconfigures).
 
@@ -94,7 +109,7 @@ def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
 
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
     ]
@@ -106,10 +121,12 @@ def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
         final = [redact_secrets]
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=_redacted_traceback)
 
+    # structlog's own lines are rendered and written directly, not through a stdlib LogRecord:
+    # half the cost of a line, and a worker writes one per binding.
     structlog.configure(
-        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *final, renderer],
+        logger_factory=lambda *_: _STDERR,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(

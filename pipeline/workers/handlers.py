@@ -359,10 +359,15 @@ class ComposeHandler(PortLockingHandler):
 
     def finish(self, session: Session) -> None:
         reserve_seqs(session, [row for row, _, _, _ in self.results])
+        self.link_bindings()  # PostgreSQL: the bindings are inserted with their result's seq
         session.flush()
-        for row, binding, result, publish in self.results:
+        self.link_bindings()  # SQLite: the seqs the flush gave (one UPDATE each, on the embedded default)
+        for row, _, result, publish in self.results:
             number(row, result, publish)
-            if binding is not None:
+
+    def link_bindings(self) -> None:
+        for row, binding, _, _ in self.results:
+            if binding is not None and binding.result_seq != row.seq:
                 binding.result_seq = row.seq
 
 
