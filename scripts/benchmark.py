@@ -6,7 +6,8 @@ For each mode, in a fresh vhost and database: one ``bindpipe worker STAGE`` proc
 started and the topology loaded; once every worker is consuming, the clock starts, ``--ports``
 port.create events are published as fast as the broker confirms them, and the clock stops when
 every port's result is published (every hop durable: persistent messages, publisher confirms, a
-committed transaction per batch). Modes run side by side in one invocation (alternating when
+committed transaction per batch; each compute host has its durable results queue, as in production,
+so every result is stored by RabbitMQ). Modes run side by side in one invocation (alternating when
 ``--rounds`` > 1), so their ratio is meaningful on a noisy 2-core machine even when the absolute
 figures are not.
 
@@ -36,7 +37,7 @@ from pipeline.client import BindingClient  # noqa: E402
 from pipeline.db import create_schema, make_engine  # noqa: E402
 from pipeline.models.tables import EventLog, ResultRow  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.workers.topology import STAGES, declare_topology, stage_queue  # noqa: E402
+from pipeline.workers.topology import STAGES, declare_topology, results_queue, stage_queue  # noqa: E402
 
 BROKER = os.environ.get("BINDPIPE_BENCH_BROKER", "amqp://guest:guest@127.0.0.1:5672")
 POSTGRES = os.environ.get("BINDPIPE_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
@@ -149,6 +150,8 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int) -> dict:
     try:
         with BindingClient(settings=settings) as client:
             declare_topology(client.connection, settings)
+            for host in [f"cmp-{i}" for i in range(hosts)] + [f"sriov-{i}" for i in range(sriov_hosts)]:
+                results_queue(host, settings)(client.connection.default_channel).declare()  # results are kept
             setup = topology(client, hosts, sriov_hosts)
             client.publish_envelopes(setup)
             workers = {stage: subprocess.Popen([bindpipe, "worker", stage], env=env, stdout=subprocess.DEVNULL,
@@ -161,7 +164,7 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int) -> dict:
             published = time.perf_counter() - started
             while count_where(engine, ResultRow, ResultRow.published_at.is_not(None)) < count:
                 check_alive(workers)
-                time.sleep(0.05)
+                time.sleep(0.1)
         elapsed = time.perf_counter() - started
         cpu_after = {stage: cpu_seconds(p.pid) for stage, p in workers.items()} | service_cpu_seconds()
         cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
@@ -188,6 +191,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ports", type=int, default=3000)
     parser.add_argument("--modes", default="batched,per-message")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run mode 'baseline': batched, with the workers' code taken from DIR (a checkout "
+                             "of another commit), to compare code side by side")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--hosts", type=int, default=50)
     parser.add_argument("--sriov-hosts", type=int, default=None,
@@ -195,6 +201,9 @@ def main() -> None:
     args = parser.parse_args()
     args.sriov_hosts = args.sriov_hosts or max(20, -(-args.ports // 5 // 32))
     modes = args.modes.split(",")
+    if args.baseline:
+        MODES["baseline"] = {**MODES["batched"], "PYTHONPATH": str(Path(args.baseline).resolve())}
+        modes.append("baseline")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for round_number in range(args.rounds):
         for mode in modes if round_number % 2 == 0 else reversed(modes):
