@@ -210,7 +210,8 @@ def main() -> None:
             result = run_mode(mode, args.ports, args.hosts, args.sriov_hosts)
             runs[mode].append(result)
             print(f"round {round_number + 1} {mode:<12} {result['events']} ports in {result['seconds']:.2f} s = "
-                  f"{result['rate']:.0f}/s (all published in {result['published']:.2f} s; latency p50 {result['p50']:.2f} s, p99 {result['p99']:.2f} s; "
+                  f"{result['rate']:.0f}/s (all published in {result['published']:.2f} s; "
+                  f"latency p50 {result['p50']:.2f} s, p99 {result['p99']:.2f} s; "
                   f"peak RSS MiB {result['rss']})", flush=True)
             print(f"    CPU µs per binding: {result['cpu_us']} = {sum(result['cpu_us'].values())}", flush=True)
     print(f"\nsummary ({args.ports} ports, 4 stage processes, {os.cpu_count()} cores, every hop durable):")

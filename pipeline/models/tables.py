@@ -1,7 +1,7 @@
 """The persisted state (SQLAlchemy 2 typed ORM): PostgreSQL in production, SQLite embedded.
 
 Invariants are the database's, not only the code's:
-* an event is processed once per stage: ``stage_marks`` has (job_id, stage) as primary key;
+* an event has its effects once per stage: ``stage_marks`` has (job_id, stage) as primary key;
 * a device has at most one owner (one ``owner_port_id`` column) and a port holds at most one
   device per host (partial unique index);
 * a PF and any of its VFs are never in use together: ``pf_group`` is the PF's address for the PF
@@ -49,7 +49,9 @@ class EventLog(Base):
 
 class StageMark(Base):
     """Proof that ``stage`` handled a job (or an event), written in the same transaction as its
-    effect, with what it handed on: a redelivery re-publishes ``output`` instead of redoing it."""
+    effect, with what it handed on: a redelivery re-publishes ``output`` instead of redoing it.
+    Compose keeps only its results' seqs (the results table holds them); select, which has no
+    effect, keeps a mark only for a job it dead-lettered."""
 
     __tablename__ = "stage_marks"
 

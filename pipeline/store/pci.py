@@ -218,7 +218,8 @@ def device_holders(session: Session, port_ids: list[str]) -> set[str]:
     """Which of ``port_ids`` hold a device (on any host)."""
     if not port_ids:
         return set()
-    return set(session.scalars(select(PciDeviceRow.owner_port_id).where(among(session, PciDeviceRow.owner_port_id, port_ids))))
+    return set(session.scalars(select(PciDeviceRow.owner_port_id)
+                               .where(among(session, PciDeviceRow.owner_port_id, port_ids))))
 
 
 class HostCache:

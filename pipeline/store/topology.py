@@ -142,7 +142,9 @@ def store_port(session: Session, row: PortRow | None, port: Port) -> tuple[PortR
 
 def bindings_of(session: Session, port_ids: list[str]) -> list[BindingRow]:
     """Every binding (any host) of ``port_ids``."""
-    return list(session.scalars(select(BindingRow).where(among(session, BindingRow.port_id, port_ids)))) if port_ids else []
+    if not port_ids:
+        return []
+    return list(session.scalars(select(BindingRow).where(among(session, BindingRow.port_id, port_ids))))
 
 
 def failed_ports_on_host(session: Session, host: str) -> list[str]:
