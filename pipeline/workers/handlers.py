@@ -300,9 +300,11 @@ class ComposeHandler(PortLockingHandler):
         """Only the results' seqs: the results table holds them whole."""
         return [p.body["seq"] for p in produced]
 
-    def redelivered(self, session: Session, previous: list[int]) -> list[Publish]:
-        """The job's results that were not confirmed as published yet (the relay would send them too)."""
-        return resent(session.scalars(select(ResultRow).where(among(session, ResultRow.seq, previous),
+    def redelivered(self, session: Session, previous: list[Any]) -> list[Publish]:
+        """The job's results that were not confirmed as published yet (the relay would send them too).
+        A mark written before marks kept only seqs holds the published messages."""
+        seqs = [p if isinstance(p, int) else p["body"]["seq"] for p in previous]
+        return resent(session.scalars(select(ResultRow).where(among(session, ResultRow.seq, seqs),
                                                               ResultRow.published_at.is_(None))
                                       .order_by(ResultRow.seq)))
 
