@@ -169,3 +169,26 @@ def test_the_in_memory_transport_is_acked_one_by_one(embedded):
     worker.unsettled = {1, 2}
     worker.ack_all([FakeDelivery(1, acks), FakeDelivery(2, acks)])
     assert acks == [(1, False), (2, False)]  # it ignores ``multiple``
+
+
+def test_compose_resends_unpublished_results_from_old_and_new_marks(embedded):
+    """A compose mark keeps the results' seqs; one written before that kept the messages."""
+    from sqlalchemy.orm import Session
+
+    from pipeline.models.tables import ResultRow
+
+    settings, engine, _ = embedded
+    with Session(engine) as session, session.begin():
+        sent = ResultRow(event_id="e1", port_id="p1", host="h1", body={"port_id": "p1"}, published_at=None)
+        done = ResultRow(event_id="e1", port_id="p1", host="h2", body={"port_id": "p1"},
+                         published_at=datetime.now(UTC))
+        session.add_all([sent, done])
+        session.flush()
+        seqs = {"sent": sent.seq, "done": done.seq}
+    handler = handlers.ComposeHandler(settings)
+    old_mark = [{"exchange": "binding.results", "routing_key": f"host.{host}", "body": {"seq": seqs[key]}}
+                for key, host in (("sent", "h1"), ("done", "h2"))]
+    with Session(engine) as session:
+        for mark in ([seqs["sent"], seqs["done"]], old_mark):
+            out = handler.redelivered(session, mark)
+            assert [(p.routing_key, p.body) for p in out] == [("host.h1", {"port_id": "p1", "seq": seqs["sent"]})]
