@@ -20,7 +20,7 @@ def record_events(session: Session, envelopes: list[Envelope]) -> None:
         return
     dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
     now = utcnow()
-    session.execute(dialect.insert(EventLog).on_conflict_do_nothing(), [
+    session.execute(dialect.insert(EventLog.__table__).on_conflict_do_nothing(), [
         {"event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at, "received_at": now,
          "envelope": e.model_dump(mode="json")} for e in envelopes])
 
@@ -40,7 +40,7 @@ def add_marks(session: Session, stage: str, outputs: dict[str, list[Any]]) -> No
     transaction back."""
     if outputs:
         now = utcnow()
-        session.execute(insert(StageMark), [{"job_id": job_id, "stage": stage, "output": output, "done_at": now}
+        session.execute(insert(StageMark.__table__), [{"job_id": job_id, "stage": stage, "output": output, "done_at": now}
                                             for job_id, output in outputs.items()])
 
 
