@@ -101,17 +101,17 @@ def summarize(engine: Engine, events: int, published: int, elapsed: float, datab
 
 def print_summary(summary: dict[str, Any]) -> None:
     failures = summary["failures_by_reason"]
-    total = sum(summary["bound_by_vif_type"].values()) + sum(f["ports"] for f in failures.values())
     rate = summary["events"] / summary["seconds"] if summary["seconds"] else 0.0
     print(f"{summary['events']} events -> {summary['results']} binding results in {summary['seconds']:.2f} s "
           f"({rate:.0f} events/s; one process, in-memory broker, SQLite)\n")
     print(f"{'bound, by vif_type':<28}{'ports':>6}")
     for vif_type, count in summary["bound_by_vif_type"].items():
         print(f"  {vif_type:<26}{count:>6}")
-    print(f"{'total':<28}{total:>6}\n")
+    print(f"  {'total':<26}{sum(summary['bound_by_vif_type'].values()):>6}\n")
     print(f"{'not bound, by reason':<28}{'ports':>6}  example")
     for category, failure in failures.items():
         print(f"  {category:<26}{failure['ports']:>6}  {failure['example'][:110]}")
+    print(f"  {'total':<26}{sum(f['ports'] for f in failures.values()):>6}")
     url = f"sqlite:///{summary['database']}"
     for category, failure in failures.items():
         print(f"\nWhy did port {failure['example_port']} fail ({category})?\n"
