@@ -15,14 +15,7 @@ from pipeline.models.jobs import BindingJob
 from pipeline.settings import Settings
 from pipeline.workers import handlers
 from pipeline.workers.consumer import Worker
-from pipeline.workers.messages import (
-    HANDOFF_JOBS,
-    PoisonMessage,
-    Publish,
-    decode_jobs,
-    handoff_messages,
-    job_json,
-)
+from pipeline.workers.messages import HANDOFF_JOBS, PoisonMessage, Publish, decode_jobs, handoff_messages, job_json
 from pipeline.workers.publisher import BatchPublisher
 from pipeline.workers.topology import STAGE_EXCHANGE, declare_topology, dead_letter_queue
 

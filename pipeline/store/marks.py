@@ -40,8 +40,8 @@ def add_marks(session: Session, stage: str, outputs: dict[str, list[Any]]) -> No
     transaction back."""
     if outputs:
         now = utcnow()
-        session.execute(insert(StageMark.__table__), [{"job_id": job_id, "stage": stage, "output": output, "done_at": now}
-                                            for job_id, output in outputs.items()])
+        session.execute(insert(StageMark.__table__), [
+            {"job_id": job_id, "stage": stage, "output": output, "done_at": now} for job_id, output in outputs.items()])
 
 
 def events_between(session: Session, first: int, last: int | None, limit: int | None = None) -> list[EventLog]:
