@@ -21,6 +21,7 @@ the password of a URL (``amqp://user:pass@host`` -> ``amqp://user:***@host``) an
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -43,7 +44,13 @@ _HANDLER_NAME = "bindpipe"
 
 
 def is_secret_key(name: object) -> bool:
-    return isinstance(name, str) and name.lower() not in NON_SECRET_KEY_NAMES and bool(_SECRET_KEY.search(name))
+    return isinstance(name, str) and _is_secret_name(name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_secret_name(name: str) -> bool:
+    """Cached: every log line asks it of each of its keys, and the keys repeat."""
+    return name.lower() not in NON_SECRET_KEY_NAMES and bool(_SECRET_KEY.search(name))
 
 
 def redact_text(text: str) -> str:
