@@ -55,10 +55,17 @@ def agent_rows(session: Session, hosts: set[str]) -> list[AgentRow]:
 
 def agents_at(rows: list[AgentRow], at: datetime, down_time: int) -> list[Agent]:
     """The agents of ``rows`` as they were at ``at`` (see ``load_agents``)."""
-    return [Agent(id=r.id, agent_type=r.agent_type, host=r.host, binary=r.binary, admin_state_up=r.admin_state_up,
-                  configurations=r.configurations, heartbeat_at=_aware(r.heartbeat_at),
-                  alive=r.reported_alive and (at - _aware(r.heartbeat_at)) < timedelta(seconds=down_time))
-            for r in rows]
+    return [agent_model(r, agent_alive(r, at, down_time)) for r in rows]
+
+
+def agent_alive(row: AgentRow, at: datetime, down_time: int) -> bool:
+    return row.reported_alive and (at - _aware(row.heartbeat_at)) < timedelta(seconds=down_time)
+
+
+def agent_model(row: AgentRow, alive: bool) -> Agent:
+    return Agent(id=row.id, agent_type=row.agent_type, host=row.host, binary=row.binary,
+                 admin_state_up=row.admin_state_up, configurations=row.configurations,
+                 heartbeat_at=_aware(row.heartbeat_at), alive=alive)
 
 
 def all_ovn_chassis_hosts(session: Session) -> set[str]:

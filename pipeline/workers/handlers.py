@@ -19,8 +19,8 @@ from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, BindingResult, DriverConfig
 from pipeline.models.events import Envelope
 from pipeline.models.jobs import BindingJob
-from pipeline.models.tables import BindingRow, PortRow, ResultRow, utcnow
-from pipeline.models.topology import Port
+from pipeline.models.tables import AgentRow, BindingRow, PortRow, ResultRow, utcnow
+from pipeline.models.topology import Agent, Port
 from pipeline.observability.logging import bind_event_context
 from pipeline.settings import Settings
 from pipeline.stages.composition import compose_result
@@ -235,6 +235,14 @@ class SelectHandler(StageHandler):
         self.agent_rows: dict[str, list] = {}
         for row in topo.agent_rows(session, {p.host for p in ports} | self.chassis_hosts):
             self.agent_rows.setdefault(row.host, []).append(row)
+        self.agents: dict[tuple[str, bool], Agent] = {}  # (agent id, alive): built once a batch
+
+    def agent(self, row: AgentRow, at: datetime) -> Agent:
+        """The agent of ``row`` as it was at ``at``."""
+        key = (row.id, topo.agent_alive(row, at, self.settings.agent_down_time))
+        if key not in self.agents:
+            self.agents[key] = topo.agent_model(row, key[1])
+        return self.agents[key]
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if job.action == "bind" and job.error is None and job.port is not None:
@@ -242,8 +250,8 @@ class SelectHandler(StageHandler):
             if network is None:
                 job.error = f"InvalidInput: network_id: network {job.port.network_id} is not known"
             else:
-                rows = [r for host in sorted({job.port.host} | self.chassis_hosts) for r in self.agent_rows.get(host, [])]
-                agents = topo.agents_at(rows, job.occurred_at, self.settings.agent_down_time)
+                agents = [self.agent(r, job.occurred_at) for host in sorted({job.port.host} | self.chassis_hosts)
+                          for r in self.agent_rows.get(host, [])]
                 original = OriginalBinding(**job.original) if job.original else None
                 try:
                     job.selection = manager_for(self.driver_config).bind_port(validated(job), network, agents,
