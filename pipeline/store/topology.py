@@ -3,7 +3,9 @@
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from pipeline.db import among
@@ -145,6 +147,22 @@ def store_port(session: Session, row: PortRow | None, port: Port) -> tuple[PortR
     row.network_id, row.host, row.vnic_type, row.profile, row.body = (
         port.network_id or row.network_id, port.host, vnic_type, profile, body)
     return row, changed
+
+
+def save_bindings(session: Session, bindings: dict[tuple[str, str], dict[str, Any] | None]) -> None:
+    """A batch's final binding per (port, host): a row's columns (inserted or replacing the
+    binding there), or None (the binding there is deleted). One statement each, run for every row."""
+    gone = [{"port": port, "host": host} for (port, host), row in bindings.items() if row is None]
+    kept = [row for row in bindings.values() if row is not None]
+    table = BindingRow.__table__
+    if gone:
+        session.execute(delete(table).where(table.c.port_id == bindparam("port"), table.c.host == bindparam("host")),
+                        gone)
+    if kept:
+        insert = {"postgresql": pg_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name](table)
+        session.execute(insert.on_conflict_do_update(
+            index_elements=[table.c.port_id, table.c.host],
+            set_={c.name: insert.excluded[c.name] for c in table.c if not c.primary_key}), kept)
 
 
 def bindings_of(session: Session, port_ids: list[str]) -> list[BindingRow]:

@@ -19,7 +19,7 @@ from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, BindingResult, DriverConfig
 from pipeline.models.events import Envelope
 from pipeline.models.jobs import BindingJob
-from pipeline.models.tables import AgentRow, BindingRow, PortRow, ResultRow, utcnow
+from pipeline.models.tables import AgentRow, PortRow, ResultRow, utcnow
 from pipeline.models.topology import Agent, Port
 from pipeline.observability.logging import bind_event_context
 from pipeline.settings import Settings
@@ -172,8 +172,11 @@ class ValidateHandler(StageHandler):
             if row is not None:
                 row.revision += 1
                 jobs = [self.job(env, row, "unbind", old_host=row.host or None)]
-                session.delete(row)
-                session.flush()  # a port.create of the same id later in this batch inserts anew
+                if row in session.new:
+                    session.expunge(row)  # created earlier in this batch: it never reaches the database
+                else:
+                    session.delete(row)
+                    session.flush()  # a port.create of the same id later in this batch inserts anew
                 self.ports[payload.id] = None
         return [hand_on(job, "select") for job in jobs]
 
@@ -317,22 +320,20 @@ class ComposeHandler(PortLockingHandler):
                                       .order_by(ResultRow.seq)))
 
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
-        self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, [j.port_id for j in items])}
-        self.results: list[tuple[ResultRow, BindingRow | None, BindingResult, Publish | None]] = []
+        self.bindings: dict[tuple[str, str], dict[str, Any] | None] = {}  # the batch's last word per (port, host)
+        self.results: list[tuple[ResultRow, dict[str, Any] | None, BindingResult, Publish | None]] = []
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if self.is_stale(job):
             return []
         out: list[Publish | None] = []
         if job.old_host is not None:
-            old = self.bindings.pop((job.port_id, job.old_host), None)
-            if old is not None:
-                session.delete(old)
+            self.bindings[(job.port_id, job.old_host)] = None
             out.append(self.add_result(session, job, BindingResult(
                 id=job.port_id, port_id=job.port_id, host=job.old_host, vif_type=v.VIF_TYPE_UNBOUND, vif_details={})))
         if job.action == "bind":
             result = self.compose(job)
-            binding = self.store_binding(session, job, result) if job.port.host else None
+            binding = self.binding(session, job, result) if job.port.host else None
             out.append(self.add_result(session, job, result, binding))
         return [p for p in out if p is not None]
 
@@ -342,24 +343,20 @@ class ComposeHandler(PortLockingHandler):
                                  vnic_type=job.vnic_type)
         return compose_result(job.port_id, validated(job), job.selection, job.allocation or AllocationDecision())
 
-    def store_binding(self, session: Session, job: BindingJob, result: BindingResult) -> BindingRow:
-        binding = self.bindings.get((job.port_id, job.port.host))
-        if binding is None:
-            binding = self.bindings[(job.port_id, job.port.host)] = BindingRow(port_id=job.port_id, host=job.port.host)
-            session.add(binding)
-        binding.status = v.BINDING_ACTIVE
-        binding.vnic_type = job.vnic_type or v.VNIC_NORMAL
-        binding.profile = result.profile or job.profile
-        binding.vif_type = result.vif_type or v.VIF_TYPE_BINDING_FAILED
-        binding.vif_details = result.vif_details or {}
-        binding.levels = [lv.model_dump() for lv in result.binding_levels]
-        binding.event_id = job.event_id
+    def binding(self, session: Session, job: BindingJob, result: BindingResult) -> dict[str, Any]:
+        """The port's binding row on its host (written by ``finish``, with its result's seq)."""
+        binding = self.bindings[(job.port_id, job.port.host)] = {
+            "port_id": job.port_id, "host": job.port.host, "status": v.BINDING_ACTIVE,
+            "vnic_type": job.vnic_type or v.VNIC_NORMAL, "profile": result.profile or job.profile,
+            "vif_type": result.vif_type or v.VIF_TYPE_BINDING_FAILED, "vif_details": result.vif_details or {},
+            "levels": [lv.model_dump() for lv in result.binding_levels], "event_id": job.event_id,
+            "result_seq": None, "updated_at": utcnow()}
         if result.dynamic_segments:
             topo.save_dynamic_segments(session, job.port.network_id, result.dynamic_segments)
         return binding
 
     def add_result(self, session: Session, job: BindingJob, result: BindingResult,
-                   binding: BindingRow | None = None) -> Publish | None:
+                   binding: dict[str, Any] | None = None) -> Publish | None:
         """Record the result in the outbox; what to publish (see ``outbox``). Its ``seq`` is filled
         in by ``finish``, once the batch's rows are inserted."""
         result.event_id = job.event_id
@@ -369,16 +366,12 @@ class ComposeHandler(PortLockingHandler):
 
     def finish(self, session: Session) -> None:
         reserve_seqs(session, [row for row, _, _, _ in self.results])
-        self.link_bindings()  # PostgreSQL: the bindings are inserted with their result's seq
-        session.flush()
-        self.link_bindings()  # SQLite: the seqs the flush gave (one UPDATE each, on the embedded default)
-        for row, _, result, publish in self.results:
+        session.flush()  # the results (SQLite numbers them here)
+        for row, binding, result, publish in self.results:
             number(row, result, publish)
-
-    def link_bindings(self) -> None:
-        for row, binding, _, _ in self.results:
-            if binding is not None and binding.result_seq != row.seq:
-                binding.result_seq = row.seq
+            if binding is not None:
+                binding["result_seq"] = row.seq
+        topo.save_bindings(session, self.bindings)
 
 
 def outbox(session: Session, result: BindingResult, occurred_at: datetime | None) -> tuple[ResultRow, Publish | None]:

@@ -1,0 +1,90 @@
+"""Several events of one port in one batch, through the real stage handlers on PostgreSQL and
+SQLite: each stage works on a whole batch at once, and its end state must be the last event's."""
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from pipeline.db import create_schema, make_engine, run_transaction
+from pipeline.models.events import Envelope
+from pipeline.models.tables import BindingRow, ResultRow
+from pipeline.settings import Settings
+from pipeline.workers.handlers import HANDLERS
+from pipeline.workers.messages import handoff_messages
+from pipeline.workers.topology import STAGES
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+NETWORK = {"id": "net-1", "segments": [{"id": "seg-1", "network_type": "vxlan", "segmentation_id": 7}]}
+
+
+def agent(host: str) -> dict:
+    return {"agent_type": "Open vSwitch agent", "host": host,
+            "configurations": {"tunnel_types": ["vxlan"], "integration_bridge": "br-int"}}
+
+
+def envelope(kind: str, payload: dict, seconds: int) -> bytes:
+    env = Envelope(event_id=uuid.uuid4(), event_type=kind, occurred_at=T0 + timedelta(seconds=seconds),
+                   payload=payload)
+    return orjson.dumps(env.model_dump(mode="json"))
+
+
+def run_batch(engine: Engine, settings: Settings, bodies: list[bytes]) -> None:
+    """One batch per stage: every message of the previous stage's output at once."""
+    for stage in STAGES:
+        handler = HANDLERS[stage](settings)
+        items = [item for body in bodies for item in handler.decode(body, {})]
+        outputs = run_transaction(engine, lambda session, h=handler, i=items: h.handle(session, i))
+        bodies = [body if isinstance(body, bytes) else orjson.dumps(body)
+                  for exchange, _, body in handoff_messages(outputs) if exchange == "binding.stages"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path) -> Engine:  # noqa: ANN001
+    if request.param == "postgresql":
+        return request.getfixturevalue("pg_engine")
+    engine = make_engine(f"sqlite:///{tmp_path}/batches.sqlite")
+    create_schema(engine)
+    return engine
+
+
+def test_a_port_moved_away_and_back_in_one_batch_is_bound_once_where_it_ended(engine):
+    settings = Settings(database_url=str(engine.url))
+    run_batch(engine, settings, [envelope("network.upsert", NETWORK, 0)]
+              + [envelope("agent.report", agent(h), 0) for h in ("cmp-a", "cmp-b")])
+    port = {"id": "p1", "network_id": "net-1", "vnic_type": "normal"}
+    run_batch(engine, settings, [envelope("port.create", {**port, "host": "cmp-a"}, 1)])
+    run_batch(engine, settings, [envelope("port.update", {**port, "host": "cmp-b"}, 2),
+                                 envelope("port.update", {**port, "host": "cmp-a"}, 3),
+                                 envelope("port.update", {**port, "host": "cmp-b"}, 4)])
+    with Session(engine) as session:
+        bindings = session.scalars(select(BindingRow)).all()
+        results = session.scalars(select(ResultRow).order_by(ResultRow.seq)).all()
+    assert [(b.port_id, b.host, b.vif_type) for b in bindings] == [("p1", "cmp-b", "ovs")]
+    last = results[-1]
+    assert bindings[0].result_seq == last.seq and (last.host, last.body["vif_type"]) == ("cmp-b", "ovs")
+    # the earlier moves of the batch were superseded (stale revisions), their unbinds still told
+    assert [(r.host, r.body["vif_type"]) for r in results] == [
+        ("cmp-a", "ovs"), ("cmp-a", "unbound"), ("cmp-b", "ovs")]
+
+
+def test_a_port_deleted_and_created_again_in_one_batch_keeps_only_its_new_binding(engine):
+    settings = Settings(database_url=str(engine.url))
+    run_batch(engine, settings, [envelope("network.upsert", NETWORK, 0)]
+              + [envelope("agent.report", agent(h), 0) for h in ("cmp-a", "cmp-b")])
+    port = {"id": "p1", "network_id": "net-1", "vnic_type": "normal"}
+    run_batch(engine, settings, [envelope("port.create", {**port, "host": "cmp-a"}, 1),
+                                 envelope("port.delete", {"id": "p1"}, 2),
+                                 envelope("port.create", {**port, "host": "cmp-b"}, 3),
+                                 envelope("port.delete", {"id": "p1"}, 4),
+                                 envelope("port.create", {**port, "host": "cmp-a"}, 5)])
+    with Session(engine) as session:
+        bindings = session.scalars(select(BindingRow)).all()
+        results = session.scalars(select(ResultRow).order_by(ResultRow.seq)).all()
+    assert [(b.port_id, b.host) for b in bindings] == [("p1", "cmp-a")]
+    assert bindings[0].result_seq == results[-1].seq
+    assert [(r.host, r.body["vif_type"]) for r in results] == [
+        ("cmp-a", "ovs"), ("cmp-a", "unbound"), ("cmp-b", "ovs"), ("cmp-b", "unbound"), ("cmp-a", "ovs")]
