@@ -42,7 +42,12 @@ class RequestContext(BaseModel):
 
     @classmethod
     def service(cls) -> "RequestContext":
-        return cls(user_id="service", roles=("service",))
+        """The service's own context: one shared instance (the model is frozen; a job that
+        carries none gets it when decoded, so it is asked for very often)."""
+        return _SERVICE
+
+
+_SERVICE = RequestContext(user_id="service", roles=("service",))
 
 
 class BindingLevel(BaseModel):

@@ -20,10 +20,10 @@ import functools
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session
 
 from pipeline.db import among
 from pipeline.models import vocabulary as v
@@ -37,6 +37,7 @@ from pipeline.stages.pci_devspec import DeviceSpec
 from pipeline.stages.validation import ValidatedRequest
 
 PENDING_REMOVAL = "pending_removal"
+DeviceStates = dict[str, tuple[str, str | None]]  # a host's devices as loaded: address -> (status, owner)
 STATE_COLUMNS = (PciDeviceRow.host, PciDeviceRow.address, PciDeviceRow.status, PciDeviceRow.owner_port_id)
 
 
@@ -73,11 +74,11 @@ def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
     inventories = {r.host: r for r in session.scalars(
         select(HostInventoryRow).where(among(session, HostInventoryRow.host, hosts)).order_by(HostInventoryRow.host)
         .with_for_update())}
-    devices: dict[str, dict[str, PciDeviceRow]] = {}
-    for row in session.scalars(select(PciDeviceRow).where(among(session, PciDeviceRow.host, inventories))
-                               .order_by(PciDeviceRow.host, PciDeviceRow.address).with_for_update()
-                               .options(load_only(*STATE_COLUMNS))):
-        devices.setdefault(row.host, {})[row.address] = row
+    devices: dict[str, DeviceStates] = {}
+    for host, address, status, owner in session.execute(
+            select(*STATE_COLUMNS).where(among(session, PciDeviceRow.host, inventories))
+            .order_by(PciDeviceRow.host, PciDeviceRow.address).with_for_update()):
+        devices.setdefault(host, {})[address] = (status, owner)
     loaded: dict[str, tuple] = {}
     for host in hosts:
         inventory_row = inventories.get(host)
@@ -86,8 +87,8 @@ def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
             continue
         rows = devices.get(host, {})
         idle, pending = _idle_tracker(orjson.dumps(inventory_row.inventory or {}))
-        tracker = idle.with_state({a: r.status for a, r in rows.items()},
-                                  {a: r.owner_port_id for a, r in rows.items() if r.owner_port_id})
+        tracker = idle.with_state({a: status for a, (status, _) in rows.items()},
+                                  {a: owner for a, (_, owner) in rows.items() if owner})
         loaded[host] = (tracker, rows, inventory_row, dict(pending))
     return loaded
 
@@ -103,26 +104,23 @@ def _idle_tracker(stored: bytes) -> tuple[PciTracker, dict[str, dict[str, Any] |
     return PciTracker.from_inventory(HostPciInventory.model_validate(data)), pending
 
 
-def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, dict[str, PciDeviceRow]]:
+def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, DeviceStates]:
     tracker, rows, _, _ = _load(session, host)
     return tracker, rows
 
 
-def write_back(session: Session, hosts: list[tuple[PciTracker, dict[str, PciDeviceRow]]]) -> None:
-    """Persist changed statuses and owners; owners are cleared (and flushed) before new ones are set,
-    so the PF/VF constraint never sees a transient overlap."""
-    changes = []
-    for tracker, rows in hosts:
-        changes += [(rows[a], s) for a, s in tracker.snapshot().items()
-                    if a in rows and (rows[a].status, rows[a].owner_port_id) != s]
-    for row, (status, owner) in changes:
-        if owner is None:
-            row.status, row.owner_port_id = status, None
-    session.flush()
-    for row, (status, owner) in changes:
-        if owner is not None:
-            row.status, row.owner_port_id = status, owner
-    session.flush()
+def write_back(session: Session, hosts: list[tuple[str, PciTracker, DeviceStates]]) -> None:
+    """Persist changed statuses and owners (``hosts``: name, tracker, the states as loaded). Owners
+    are cleared before new ones are set, so the PF/VF constraint never sees a transient overlap."""
+    changes = [{"h": host, "a": address, "s": status, "o": owner}
+               for host, tracker, rows in hosts for address, (status, owner) in tracker.snapshot().items()
+               if address in rows and rows[address] != (status, owner)]
+    table = PciDeviceRow.__table__
+    update_device = (update(table).where(table.c.host == bindparam("h"), table.c.address == bindparam("a"))
+                     .values(status=bindparam("s"), owner_port_id=bindparam("o")))
+    for step in ([c for c in changes if c["o"] is None], [c for c in changes if c["o"] is not None]):
+        if step:
+            session.execute(update_device, step)
 
 
 def lock_inventory_row(session: Session, host: str) -> HostInventoryRow:
@@ -198,7 +196,7 @@ def store_inventory(session: Session, payload) -> None:  # noqa: ANN001 - PciInv
     _save_inventory(inventory_row, inventory, pending)
 
 
-def _remove_freed(session: Session, inventory_row: HostInventoryRow, rows: dict[str, PciDeviceRow],
+def _remove_freed(session: Session, inventory_row: HostInventoryRow, rows: DeviceStates,
                   pending: dict[str, dict[str, Any] | None], addresses: list[str]) -> None:
     """Remove freed devices that were pending removal: row deleted; inventory entry dropped, or
     replaced by the untracked entry last reported for it."""
@@ -206,10 +204,10 @@ def _remove_freed(session: Session, inventory_row: HostInventoryRow, rows: dict[
     replaced = {a: PciDevice.model_validate(pending[a]) for a in addresses if pending[a] is not None}
     devices = [replaced.get(d.address, d) for d in inventory.devices
                if d.address not in addresses or d.address in replaced]
+    table = PciDeviceRow.__table__
+    session.execute(delete(table).where(table.c.host == inventory_row.host, table.c.address.in_(addresses)))
     for address in addresses:
-        session.delete(rows.pop(address))
-        del pending[address]
-    session.flush()
+        del rows[address], pending[address]
     _save_inventory(inventory_row, inventory.model_copy(update={"devices": devices}), pending)
     session.flush()
 
@@ -243,8 +241,9 @@ class HostCache:
     def flush(self, host: str | None = None) -> None:
         """Write back ``host`` (or every host) and forget it: the next use loads it afresh."""
         names = [host] if host is not None else list(self.loaded)
-        flushed = [self.loaded.pop(name, (None, None, None, None)) for name in names]
-        write_back(self.session, [(tracker, rows) for tracker, rows, _, _ in flushed if tracker is not None])
+        flushed = {name: self.loaded.pop(name, (None, None, None, None)) for name in names}
+        write_back(self.session, [(name, tracker, rows) for name, (tracker, rows, _, _) in flushed.items()
+                                  if tracker is not None])
 
 
 def release_port(session: Session, port_id: str, cache: HostCache | None = None) -> list[str]:
