@@ -1,6 +1,7 @@
 """Throughput of the whole pipeline on the real RabbitMQ and PostgreSQL, batched vs per-message.
 
     .venv/bin/python scripts/benchmark.py [--ports 3000] [--modes batched,per-message] [--rounds 1]
+                                          [--baseline DIR]   # DIR: a checkout of another commit
 
 For each mode, in a fresh vhost and database: one ``bindpipe worker STAGE`` process per stage is
 started and the topology loaded; once every worker is consuming, the clock starts, ``--ports``
