@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 from sqlalchemy import ColumnElement, Engine, any_, bindparam, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -79,6 +80,12 @@ def among(session: Session, column: Any, values: Iterable[Any]) -> ColumnElement
     if session.get_bind().dialect.name != "postgresql":
         return column.in_(values)
     return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+
+
+def insert_on_conflict(session: Session, table: Any) -> Any:
+    """The dialect's INSERT for ``table``, with ``on_conflict_do_nothing`` and ``on_conflict_do_update``
+    (PostgreSQL and SQLite both have ``ON CONFLICT``; SQLAlchemy offers it per dialect)."""
+    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert(table)
 
 
 def run_transaction(engine: Engine, work: Callable[[Session], T], max_seconds: float = 20.0) -> T:

@@ -3,10 +3,9 @@
 from typing import Any
 
 from sqlalchemy import insert, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from pipeline.db import among
+from pipeline.db import among, insert_on_conflict
 from pipeline.models.events import Envelope
 from pipeline.models.tables import EventLog, StageMark, utcnow
 
@@ -18,9 +17,8 @@ def record_events(session: Session, envelopes: list[Envelope]) -> None:
     duplicate. (No RETURNING: a multi-row INSERT … RETURNING is a new long statement per batch.)"""
     if not envelopes:
         return
-    dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
     now = utcnow()
-    session.execute(dialect.insert(EventLog.__table__).on_conflict_do_nothing(), [
+    session.execute(insert_on_conflict(session, EventLog.__table__).on_conflict_do_nothing(), [
         {"event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at, "received_at": now,
          "envelope": e.model_dump(mode="json")} for e in envelopes])
 

@@ -21,11 +21,9 @@ from typing import Any
 
 import orjson
 from sqlalchemy import bindparam, delete, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from pipeline.db import among
+from pipeline.db import among, insert_on_conflict
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, SelectionOutcome
 from pipeline.models.pci import HostPciInventory, PciDevice
@@ -126,8 +124,7 @@ def write_back(session: Session, hosts: list[tuple[str, PciTracker, DeviceStates
 def lock_inventory_row(session: Session, host: str) -> HostInventoryRow:
     """The host's inventory row, locked; inserted empty first when missing (``ON CONFLICT DO NOTHING``),
     so that two first inventories of a host queue on the lock instead of one failing on the key."""
-    insert = {"postgresql": pg_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
-    session.execute(insert(HostInventoryRow).values(host=host, inventory={}).on_conflict_do_nothing())
+    session.execute(insert_on_conflict(session, HostInventoryRow).values(host=host, inventory={}).on_conflict_do_nothing())
     return session.get(HostInventoryRow, host, with_for_update=True)
 
 

@@ -4,11 +4,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from pipeline.db import among
+from pipeline.db import among, insert_on_conflict
 from pipeline.models.tables import AgentRow, BindingRow, NetworkRow, PortRow, SegmentRow
 from pipeline.models.topology import Agent, Network, Port, Segment, Subnet
 from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES
@@ -159,7 +157,7 @@ def save_bindings(session: Session, bindings: dict[tuple[str, str], dict[str, An
         session.execute(delete(table).where(table.c.port_id == bindparam("port"), table.c.host == bindparam("host")),
                         gone)
     if kept:
-        insert = {"postgresql": pg_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name](table)
+        insert = insert_on_conflict(session, table)
         session.execute(insert.on_conflict_do_update(
             index_elements=[table.c.port_id, table.c.host],
             set_={c.name: insert.excluded[c.name] for c in table.c if not c.primary_key}), kept)
