@@ -225,3 +225,14 @@ def test_results_queue_of_a_host_is_durable(settings):
         assert bound.queue_declare(passive=True).message_count == 0
         BatchPublisher(connection).publish([("binding.results", "host.h9", {"port_id": "p", "seq": 1})])
         assert bound.queue_declare(passive=True).message_count == 1
+
+
+def test_a_one_stage_worker_acks_every_delivery_of_its_batches(settings, pg_engine):
+    """Batches are acked with one ``multiple`` ack: once the worker has stopped, nothing it took
+    may come back to the queue (a missed ack would be redelivered, and only marks would hide it)."""
+    with bus_client(settings) as client, Connection(settings.broker_url) as connection:
+        client.publish_envelopes([client.envelope("agent.report", agent(OVS_AGENT, host=f"h{i}")) for i in range(60)])
+        with running_worker(settings, pg_engine, ["validate"]):
+            wait_until(lambda: marks(pg_engine, "validate") == 60)
+        assert queue_depth(connection, "binding.validate") == 0
+        assert connection.default_channel.queue_declare("binding.validate", passive=True).consumer_count == 0
