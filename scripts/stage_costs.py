@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmark import ports, topology  # noqa: E402
+
 from pipeline.client import BindingClient  # noqa: E402
 from pipeline.db import create_schema, make_engine, run_transaction  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
