@@ -96,7 +96,8 @@ def _idle_tracker(stored: bytes) -> tuple[PciTracker, dict[str, dict[str, Any] |
     """The idle tracker of a stored inventory (and its devices pending removal), built once per
     inventory content: parsing an inventory and matching its devices to the device spec cost
     ~0.2 ms a host, paid again for every batch that allocates on it. Keyed by the stored JSON
-    itself, so a changed inventory can never be served a stale tracker."""
+    itself, so a changed inventory can never be served a stale tracker. Bounded: 512 hosts of
+    ~65 KiB each (measured for a PF and 32 VFs), ~33 MiB at most."""
     data = orjson.loads(stored)
     pending = data.pop(PENDING_REMOVAL, None) or {}
     return PciTracker.from_inventory(HostPciInventory.model_validate(data)), pending
