@@ -47,7 +47,11 @@ def lock_host_devices(session: Session, host: str) -> dict[str, PciDeviceRow]:
 
 def stored_inventory(inventory_row: HostInventoryRow) -> tuple[HostPciInventory, dict[str, dict[str, Any] | None]]:
     """The stored (tracked) inventory of a host and its devices pending removal."""
-    data = dict(inventory_row.inventory or {})
+    return _parse_inventory(inventory_row.inventory or {})
+
+
+def _parse_inventory(stored: dict[str, Any]) -> tuple[HostPciInventory, dict[str, dict[str, Any] | None]]:
+    data = dict(stored)
     pending = data.pop(PENDING_REMOVAL, None) or {}
     return HostPciInventory.model_validate(data), dict(pending)
 
@@ -98,9 +102,8 @@ def _idle_tracker(stored: bytes) -> tuple[PciTracker, dict[str, dict[str, Any] |
     ~0.2 ms a host, paid again for every batch that allocates on it. Keyed by the stored JSON
     itself, so a changed inventory can never be served a stale tracker. Bounded: 512 hosts of
     ~65 KiB each (measured for a PF and 32 VFs), ~33 MiB at most."""
-    data = orjson.loads(stored)
-    pending = data.pop(PENDING_REMOVAL, None) or {}
-    return PciTracker.from_inventory(HostPciInventory.model_validate(data)), pending
+    inventory, pending = _parse_inventory(orjson.loads(stored))
+    return PciTracker.from_inventory(inventory), pending
 
 
 def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, DeviceStates]:
