@@ -210,16 +210,20 @@ def test_vanished_vf_reported_again_before_release_is_an_ordinary_device(pg_engi
     assert pending(pg_engine) == {VF0: None}
 
     load(pg_engine, ONE_PF_THREE_VFS)  # back again, still in use
-    assert pending(pg_engine) == {}
     assert stored_addresses(pg_engine) == [PF, VF0, VF1, VF2]
-    assert db_state(pg_engine) == {PF: (UNAVAILABLE, None), VF0: (ALLOCATED, "port-a"),
-                                   VF1: (AVAILABLE, None), VF2: (AVAILABLE, None)}
-
-    assert release(pg_engine, "port-a") == [VF0]
-    assert db_state(pg_engine) == {PF: (AVAILABLE, None), VF0: (AVAILABLE, None),
-                                   VF1: (AVAILABLE, None), VF2: (AVAILABLE, None)}
-    assert_sound(pg_engine)
+    assert_vf0_in_use_as_ordinary_then_freed(pg_engine)
     assert allocated(ops, "port-b") == VF0  # allocatable again
+
+
+def assert_vf0_in_use_as_ordinary_then_freed(engine: Engine) -> None:
+    """VF0, held by port-a, is an ordinary tracked device again: not pending, and freed as usual."""
+    assert pending(engine) == {}
+    assert db_state(engine) == {PF: (UNAVAILABLE, None), VF0: (ALLOCATED, "port-a"),
+                                VF1: (AVAILABLE, None), VF2: (AVAILABLE, None)}
+    assert release(engine, "port-a") == [VF0]
+    assert db_state(engine) == {PF: (AVAILABLE, None), VF0: (AVAILABLE, None),
+                                VF1: (AVAILABLE, None), VF2: (AVAILABLE, None)}
+    assert_sound(engine)
 
 
 # --- a device still reported but no longer tracked ----------------------------------------------------
@@ -280,13 +284,7 @@ def test_untracked_vf_tracked_again_before_release_is_an_ordinary_device(pg_engi
     load(pg_engine, devices(PF, VF1, VF2))  # then vanished altogether: still pending, nothing to restore
     assert pending(pg_engine) == {VF0: None}
     load(pg_engine, ONE_PF_THREE_VFS)  # the device_spec change reverted: tracked again
-    assert pending(pg_engine) == {}
-    assert db_state(pg_engine) == {PF: (UNAVAILABLE, None), VF0: (ALLOCATED, "port-a"),
-                                   VF1: (AVAILABLE, None), VF2: (AVAILABLE, None)}
-    assert release(pg_engine, "port-a") == [VF0]
-    assert db_state(pg_engine) == {PF: (AVAILABLE, None), VF0: (AVAILABLE, None),
-                                   VF1: (AVAILABLE, None), VF2: (AVAILABLE, None)}
-    assert_sound(pg_engine)
+    assert_vf0_in_use_as_ordinary_then_freed(pg_engine)
 
 
 def test_untracked_free_device_is_dropped_at_once(pg_engine: Engine):
