@@ -44,15 +44,13 @@ def _engine(settings):  # noqa: ANN001, ANN202
 
 
 def _publisher(settings):  # noqa: ANN001, ANN202
-    from functools import partial
-
     from kombu import Connection
 
-    from pipeline.workers.publisher import BatchPublisher, connect_with_retry
-    from pipeline.workers.signing import signing_headers
+    from pipeline.workers.publisher import connect_with_retry
+    from pipeline.workers.signing import event_publisher
 
     connection = connect_with_retry(Connection(settings.broker_url, ssl=settings.broker_ssl_options()), 60)
-    return BatchPublisher(connection, sign=partial(signing_headers, settings))
+    return event_publisher(connection, settings)
 
 
 @app.command("dry-run")

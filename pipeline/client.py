@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from kombu import Connection, Queue
@@ -34,7 +33,7 @@ from pipeline.models.binding import RequestContext
 from pipeline.models.events import Envelope
 from pipeline.settings import Settings
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry
-from pipeline.workers.signing import signing_headers
+from pipeline.workers.signing import event_publisher
 from pipeline.workers.topology import EVENTS, RESULTS, host_routing_key, results_queue
 
 
@@ -101,7 +100,7 @@ class BindingClient:
     @property
     def publisher(self) -> BatchPublisher:
         if self._publisher is None:
-            self._publisher = BatchPublisher(self.connection, sign=partial(signing_headers, self.settings))
+            self._publisher = event_publisher(self.connection, self.settings)
         return self._publisher
 
     def envelope(self, event_type: str, payload: dict[str, Any], *, event_id: uuid.UUID | None = None,

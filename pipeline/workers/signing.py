@@ -10,10 +10,14 @@ process that publishes (a client, a replay) signs with ``BINDPIPE_SIGNING_KEY_ID
 
 import hashlib
 import hmac
+from functools import partial
 from typing import Any
+
+from kombu import Connection
 
 from pipeline.settings import Settings
 from pipeline.workers.messages import PoisonMessage
+from pipeline.workers.publisher import BatchPublisher
 
 KEY_ID_HEADER = "x-bindpipe-key-id"
 SIGNATURE_HEADER = "x-bindpipe-signature"
@@ -25,6 +29,11 @@ def _bytes(body: bytes | str) -> bytes:
 
 def signature(secret: str, body: bytes | str) -> str:
     return hmac.new(secret.encode(), _bytes(body), hashlib.sha256).hexdigest()
+
+
+def event_publisher(connection: Connection, settings: Settings) -> BatchPublisher:
+    """A publisher of events (the client, replays): it signs what it sends with this process's key."""
+    return BatchPublisher(connection, sign=partial(signing_headers, settings))
 
 
 def signing_headers(settings: Settings, body: bytes) -> dict[str, Any] | None:
