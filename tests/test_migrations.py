@@ -16,17 +16,19 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from pipeline import migrate
 from pipeline.cli import app
 from pipeline.db import create_schema, make_engine
 from pipeline.models.tables import Base
+from pipeline.store.pci import device_holders
 from tests.services import fresh_database
 
 pytestmark = pytest.mark.services
 
-HEAD = "0001"
+HEAD = "0002"
 PF, VF0, VF1 = "0000:81:00.0", "0000:81:10.0", "0000:81:10.1"
 
 
@@ -126,8 +128,37 @@ def test_a_migrated_postgres_catalog_equals_create_all(pg_url: str, created_all_
     assert migrated == created
     assert ("btree_gist",) in migrated["extensions"]
     assert ("pci_devices", "uq_pci_devices_owner", "CREATE UNIQUE INDEX uq_pci_devices_owner ON public.pci_devices "
-            "USING btree (host, owner_port_id) WHERE (owner_port_id IS NOT NULL)") in migrated["indexes"]
+            "USING btree (owner_port_id, host) WHERE (owner_port_id IS NOT NULL)") in migrated["indexes"]
     assert {name for _, name, kind, _ in migrated["constraints"] if kind == "f"} == {"fk_segments_network_id_networks"}
+
+
+def test_0002_puts_the_port_first_in_the_owner_index_and_the_holders_query_uses_it(pg_url: str, engine_of):
+    def owner_index(engine: Engine) -> str:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_pci_devices_owner'")).scalar_one()
+
+    engine = engine_of(pg_url)
+    assert migrate.upgrade(pg_url, "0001") == "0001"
+    assert "(host, owner_port_id)" in owner_index(engine)
+    with engine.begin() as conn:
+        insert_device(conn, VF0, 0, "port-a")
+    assert migrate.upgrade(pg_url) == HEAD
+    assert "(owner_port_id, host) WHERE (owner_port_id IS NOT NULL)" in owner_index(engine)
+    with pytest.raises(IntegrityError), engine.begin() as conn:  # still one device per port and host
+        insert_device(conn, VF1, 0, "port-a")
+    with engine.begin() as conn:  # a cloud's worth of devices in use: a scan would read them all
+        conn.execute(text(
+            "INSERT INTO pci_devices (host, address, vendor_id, product_id, dev_type, pf_group, is_pf, inventory, "
+            "status, owner_port_id, updated_at) SELECT 'c-' || n / 64, '0000:' || n % 64, '8086', '154c', "
+            "'type-VF', 'g', 0, '{}', 'allocated', 'p-' || n, CURRENT_TIMESTAMP FROM generate_series(1, 20000) AS n"))
+        conn.execute(text("ANALYZE pci_devices"))
+    with engine.begin() as conn:
+        plan = "\n".join(conn.execute(text("EXPLAIN SELECT owner_port_id FROM pci_devices "
+                                            "WHERE owner_port_id = ANY(ARRAY['port-a', 'port-b'])")).scalars())
+        assert device_holders(Session(conn), ["port-a", "port-b"]) == {"port-a"}
+    assert "uq_pci_devices_owner" in plan, plan
+    assert migrate.downgrade(pg_url, "0001") == "0001"
+    assert "(host, owner_port_id)" in owner_index(engine)
 
 
 def test_the_migrated_exclusion_constraint_exists_and_refuses_a_pf_beside_its_vf(pg_url: str, engine_of):

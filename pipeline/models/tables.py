@@ -131,7 +131,9 @@ class BindingRow(Base):
 class PciDeviceRow(Base):
     __tablename__ = "pci_devices"
     __table_args__ = (
-        Index("uq_pci_devices_owner", "host", "owner_port_id", unique=True,
+        # owner first: allocate asks which devices a batch's ports hold, by port (without it, a scan
+        # of every device for each batch); unique per (owner, host) all the same
+        Index("uq_pci_devices_owner", "owner_port_id", "host", unique=True,
               postgresql_where=text("owner_port_id IS NOT NULL"), sqlite_where=text("owner_port_id IS NOT NULL")),
     )
 
