@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.client import BindingClient  # noqa: E402
-from pipeline.db import create_schema, make_engine  # noqa: E402
+from pipeline.db import make_engine  # noqa: E402
 from pipeline.models.tables import EventLog, ResultRow  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.workers.topology import STAGES, declare_topology, results_queue, stage_queue  # noqa: E402
@@ -141,12 +141,13 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int) -> dict:
     with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as pg:
         pg.execute(f'CREATE DATABASE "{tag}"')
     broker, database = f"{BROKER}/{tag}", f"postgresql+psycopg://{POSTGRES.split('://', 1)[1]}/{tag}"
-    engine = make_engine(database)
-    create_schema(engine)
     settings = Settings(broker_url=broker, database_url=database)
     env = {**os.environ, "BINDPIPE_BROKER_URL": broker, "BINDPIPE_DATABASE_URL": database,
            "BINDPIPE_LOG_FORMAT": "json", "BINDPIPE_DECLARE_TOPOLOGY": "false", **MODES[mode]}
     bindpipe = str(Path(sys.executable).with_name("bindpipe"))
+    # the schema of the code under test (a baseline's own migrations and indexes)
+    subprocess.run([bindpipe, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = make_engine(database)
     workers: dict[str, subprocess.Popen] = {}
     try:
         with BindingClient(settings=settings) as client:
