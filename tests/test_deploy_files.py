@@ -674,6 +674,26 @@ def test_json_logs_are_one_redacted_stream_with_context() -> None:
     assert len(lines) == 4  # the debug line is filtered
 
 
+def test_a_lazily_bound_event_context_is_built_only_for_a_line_written() -> None:
+    from pipeline.observability.logging import bind_event_context_lazily, clear_event_context, merge_event_context
+
+    built = []
+
+    def context() -> dict:
+        built.append(1)
+        return {"event_id": "e-2", "port_id": "p-2", "host": None, "stage": "compose"}
+
+    bind_event_context_lazily(context)
+    try:
+        assert built == []
+        line = merge_event_context(None, "info", {"event": "binding outcome", "port_id": "p-own"})
+        assert line == {"event": "binding outcome", "port_id": "p-own", "event_id": "e-2", "stage": "compose"}
+        assert built == [1]
+    finally:
+        clear_event_context()
+    assert merge_event_context(None, "info", {"event": "idle"}) == {"event": "idle"}
+
+
 def test_console_logs_are_plain_and_redacted() -> None:
     done = run_python(LOG_SOME_LINES.format(fmt="console"))
     assert "\x1b[" not in done.stderr  # no colours when stderr is not a terminal

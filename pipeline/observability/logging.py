@@ -3,13 +3,14 @@
 Processor chain, for structlog calls (rendered and written to stderr directly) and, via
 ``ProcessorFormatter``, for stdlib records alike::
 
-    merge_contextvars -> add_log_level -> TimeStamper(iso, utc) -> StackInfoRenderer
+    merge_contextvars -> merge_event_context -> add_log_level -> TimeStamper(iso, utc) -> StackInfoRenderer
       -> format_exc_info (json only) -> redact_secrets -> JSONRenderer | ConsoleRenderer
 
 ``ConsoleRenderer`` formats exceptions itself (structlog warns when ``format_exc_info`` runs before
 it), so the console chain leaves ``exc_info`` to it, with a plain, redacted traceback (never rich's
-locals, which could hold secrets). Per message, workers call
-:func:`bind_event_context` so every line carries ``event_id``, ``port_id``, ``host`` and ``stage``.
+locals, which could hold secrets). Per message, workers call :func:`bind_event_context_lazily` so
+every line carries ``event_id``, ``port_id``, ``host`` and ``stage``: the context is built only when
+a line is written (a worker handles thousands of jobs a second and logs about few of them).
 
 :func:`redact_secrets` replaces with ``***``: the value of any key that names a secret (password,
 passwd, secret, token, signature, credential, authorization, cookie, or a name ending in ``key``/
@@ -26,6 +27,8 @@ import logging
 import re
 import sys
 import traceback
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, TextIO
 
 import structlog
@@ -116,6 +119,7 @@ def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
 
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        merge_event_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -152,15 +156,30 @@ def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
     logging.captureWarnings(True)
 
 
-EVENT_KEYS = ("event_id", "port_id", "host", "stage", "event_type")
+_EVENT_CONTEXT: ContextVar[dict[str, Any] | Callable[[], dict[str, Any]] | None] = ContextVar(
+    "bindpipe_event_context", default=None)
 
 
 def bind_event_context(event_id: str | None = None, port_id: str | None = None, host: str | None = None,
                        stage: str | None = None, **extra: Any) -> None:
-    """Bind this message's context, forgetting the previous one's (``None`` values are left out).
-    The event keys are unbound one by one: ``clear_contextvars`` walks every context variable of
-    the thread, which costs more than the rest of a job's logging context."""
-    context = {"event_id": event_id, "port_id": port_id, "host": host, "stage": stage, **extra}
-    present = {k: v for k, v in context.items() if v is not None}
-    structlog.contextvars.unbind_contextvars(*(k for k in EVENT_KEYS if k not in present))
-    structlog.contextvars.bind_contextvars(**present)
+    """Bind this message's context, replacing the previous one's (``None`` values are left out)."""
+    _EVENT_CONTEXT.set({"event_id": event_id, "port_id": port_id, "host": host, "stage": stage, **extra})
+
+
+def bind_event_context_lazily(context: Callable[[], dict[str, Any]]) -> None:
+    """Like :func:`bind_event_context`, with ``context()`` called only if a line is written."""
+    _EVENT_CONTEXT.set(context)
+
+
+def clear_event_context() -> None:
+    _EVENT_CONTEXT.set(None)
+
+
+def merge_event_context(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: the bound event context, under what the line itself says."""
+    context = _EVENT_CONTEXT.get()
+    if context is not None:
+        for key, value in (context() if callable(context) else context).items():
+            if value is not None:
+                event_dict.setdefault(key, value)
+    return event_dict

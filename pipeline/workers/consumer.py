@@ -31,6 +31,7 @@ from pipeline.models.binding import BindingResult
 from pipeline.models.reasons import failure_reason_category, primary_decline
 from pipeline.models.tables import DeadLetter, ResultRow
 from pipeline.observability import metrics
+from pipeline.observability.logging import clear_event_context
 from pipeline.settings import Settings
 from pipeline.store.marks import add_marks
 from pipeline.workers.gauges import refresh_gauges
@@ -210,7 +211,7 @@ class Worker(ConsumerProducerMixin):
             self.handle_batch(handler, items)
         finally:
             self.flushing = False
-            structlog.contextvars.clear_contextvars()  # the next lines are about no event in particular
+            clear_event_context()  # the next lines are about no event in particular
 
     def handle_batch(self, handler: StageHandler, items: list[tuple[Message, Any]]) -> None:
         if not items:

@@ -8,6 +8,7 @@ changes nothing.
 
 from collections.abc import Iterable
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select, text
@@ -21,7 +22,7 @@ from pipeline.models.events import Envelope
 from pipeline.models.jobs import BindingJob
 from pipeline.models.tables import AgentRow, PortRow, ResultRow, utcnow
 from pipeline.models.topology import Agent, Port
-from pipeline.observability.logging import bind_event_context
+from pipeline.observability.logging import bind_event_context_lazily
 from pipeline.settings import Settings
 from pipeline.stages.composition import compose_result
 from pipeline.stages.errors import BindingRequestError
@@ -75,7 +76,7 @@ class StageHandler:
         out: list[Publish] = []
         produced: dict[str, list[Publish]] = {}
         for key, item in fresh.items():
-            bind_event_context(stage=self.stage, **self.log_context(item))
+            bind_event_context_lazily(partial(self.event_context, item))
             if key in previous:
                 self.duplicates += 1
                 out += self.redelivered(session, previous[key])
@@ -99,6 +100,9 @@ class StageHandler:
 
     def key(self, item: Any) -> str:
         return item.job_id
+
+    def event_context(self, item: Any) -> dict[str, Any]:
+        return {"stage": self.stage, **self.log_context(item)}
 
     def log_context(self, item: Any) -> dict[str, Any]:
         host = item.port.host if item.port is not None else item.old_host
