@@ -3,7 +3,7 @@
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.orm import Session
 
 from pipeline.db import among, insert_on_conflict
@@ -131,20 +131,29 @@ def lock_port_revisions(session: Session, port_ids: list[str]) -> dict[str, int]
                                 .order_by(PortRow.id).with_for_update()).all())
 
 
-def store_port(session: Session, row: PortRow | None, port: Port) -> tuple[PortRow, bool]:
-    """Create or replace a port's stored object; also says whether its binding inputs changed."""
+def store_port(row: PortRow | None, port: Port) -> tuple[PortRow, bool]:
+    """Create or replace a port's stored object; also says whether its binding inputs changed. A
+    new row is not added to any session: ``insert_ports`` writes a batch's new ports at once."""
     body = port.model_dump(mode="json", exclude={"id", "network_id", "host", "vnic_type", "profile"})
     profile = port.profile if isinstance(port.profile, dict) else {}
     vnic_type = port.vnic_type if isinstance(port.vnic_type, str) else "normal"
     if row is None:
-        row = PortRow(id=port.id, network_id=port.network_id, host=port.host, vnic_type=vnic_type,
-                      profile=profile, body=body, revision=0)
-        session.add(row)
-        return row, True
+        return PortRow(id=port.id, network_id=port.network_id, host=port.host, vnic_type=vnic_type,
+                       profile=profile, body=body, revision=0), True
     changed = (row.host, row.vnic_type, row.profile) != (port.host, vnic_type, profile)
     row.network_id, row.host, row.vnic_type, row.profile, row.body = (
         port.network_id or row.network_id, port.host, vnic_type, profile, body)
     return row, changed
+
+
+def insert_ports(session: Session, rows: list[PortRow]) -> None:
+    """New ports (rows made by ``store_port``, in no session): one statement run for every row,
+    without the ORM's unit of work (measured: a fifth of validate's time went to it)."""
+    if rows:
+        now = datetime.now(UTC)
+        session.execute(insert(PortRow.__table__), [
+            {"id": r.id, "network_id": r.network_id, "host": r.host, "vnic_type": r.vnic_type, "profile": r.profile,
+             "body": r.body, "revision": r.revision, "updated_at": now} for r in rows])
 
 
 def save_bindings(session: Session, bindings: dict[tuple[str, str], dict[str, Any] | None]) -> None:

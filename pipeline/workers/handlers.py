@@ -138,6 +138,10 @@ class ValidateHandler(StageHandler):
         locked = topo.lock_ports(session, port_ids)
         self.ports: dict[str, PortRow | None] = {port_id: locked.get(port_id) for port_id in port_ids}
         self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, port_ids)}
+        self.new_ports: dict[str, PortRow] = {}  # ports created by this batch, inserted by ``finish``
+
+    def finish(self, session: Session) -> None:
+        topo.insert_ports(session, list(self.new_ports.values()))
 
     def port_row(self, session: Session, port_id: str) -> PortRow | None:
         if port_id not in self.ports:
@@ -176,9 +180,7 @@ class ValidateHandler(StageHandler):
             if row is not None:
                 row.revision += 1
                 jobs = [self.job(env, row, "unbind", old_host=row.host or None)]
-                if row in session.new:
-                    session.expunge(row)  # created earlier in this batch: it never reaches the database
-                else:
+                if self.new_ports.pop(row.id, None) is None:  # else: created in this batch, never stored
                     session.delete(row)
                     session.flush()  # a port.create of the same id later in this batch inserts anew
                 self.ports[payload.id] = None
@@ -194,7 +196,10 @@ class ValidateHandler(StageHandler):
         old_host = row.host if row else ""
         old_profile = dict(row.profile) if row else None
         binding = self.bindings.get((port.id, old_host)) if row else None
-        row, changed = topo.store_port(session, row, port)
+        stored = row
+        row, changed = topo.store_port(row, port)
+        if stored is None:
+            self.new_ports[port.id] = row
         self.ports[port.id] = row
         needs_bind = force or changed or binding is None or binding.vif_type in v.VIF_UNPLUGGED_TYPES
         if not needs_bind:
