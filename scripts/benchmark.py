@@ -1,10 +1,12 @@
 """Throughput of the whole pipeline on the real RabbitMQ and PostgreSQL, batched vs per-message.
 
     .venv/bin/python scripts/benchmark.py [--ports 3000] [--modes batched,per-message] [--rounds 1]
-                                          [--baseline DIR]   # DIR: a checkout of another commit
+                                          [--warmup 1000] [--baseline DIR]   # DIR: another commit
 
 For each mode, in a fresh vhost and database: one ``bindpipe worker STAGE`` process per stage is
-started and the topology loaded; once every worker is consuming, the clock starts, ``--ports``
+started and the topology loaded; once every worker is consuming, ``--warmup`` ports are bound and
+the database analyzed (the steady state: statistics as autovacuum keeps them; on a new database's
+empty tables PostgreSQL plans scans until its first autoanalyze). Then the clock starts, ``--ports``
 port.create events are published as fast as the broker confirms them, and the clock stops when
 every port's result is published (every hop durable: persistent messages, publisher confirms, a
 committed transaction per batch; each compute host has its durable results queue, as in production,
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -134,7 +137,7 @@ def wait_ready(client: BindingClient, engine, workers: dict[str, subprocess.Pope
         time.sleep(0.1)
 
 
-def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int) -> dict:
+def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 0) -> dict:
     tag = f"bench{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", tag)
     rabbitmqctl("set_permissions", "-p", tag, "guest", ".*", ".*", ".*")
@@ -159,13 +162,20 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int) -> dict:
             workers = {stage: subprocess.Popen([bindpipe, "worker", stage], env=env, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL) for stage in STAGES}
             wait_ready(client, engine, workers, len(setup))
+            if warmup:
+                client.publish_envelopes(ports(client, count, count + warmup, hosts, sriov_hosts))
+                while count_where(engine, ResultRow, ResultRow.published_at.is_not(None)) < warmup:
+                    check_alive(workers)
+                    time.sleep(0.1)
+                with psycopg.connect(f"{POSTGRES}/{tag}", autocommit=True) as pg:
+                    pg.execute("ANALYZE")
             cpu_before = {stage: cpu_seconds(p.pid) for stage, p in workers.items()} | service_cpu_seconds()
             own_before = cpu_seconds(os.getpid())
-            started = time.perf_counter()
+            started, clock_started_at = time.perf_counter(), datetime.now(UTC)
             for first in range(0, count, 500):  # built just before publishing: occurred_at is the publish time
                 client.publish_envelopes(ports(client, first, min(count, first + 500), hosts, sriov_hosts))
             published = time.perf_counter() - started
-            while count_where(engine, ResultRow, ResultRow.published_at.is_not(None)) < count:
+            while count_where(engine, ResultRow, ResultRow.published_at.is_not(None)) < count + warmup:
                 check_alive(workers)
                 time.sleep(0.1)
         elapsed = time.perf_counter() - started
@@ -175,7 +185,8 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int) -> dict:
         rss = {stage: round(peak_rss_mib(p.pid), 1) for stage, p in workers.items()}
         with Session(engine) as session:
             latencies = sorted((r.created_at - e.occurred_at).total_seconds() for r, e in session.execute(
-                select(ResultRow, EventLog).join(EventLog, EventLog.event_id == ResultRow.event_id)))
+                select(ResultRow, EventLog).join(EventLog, EventLog.event_id == ResultRow.event_id)
+                .where(EventLog.occurred_at >= clock_started_at)))
     finally:
         for process in workers.values():
             process.terminate()
@@ -199,11 +210,12 @@ def main() -> None:
                         help="also run mode 'baseline': batched, with the workers' code taken from DIR (a checkout "
                              "of another commit), to compare code side by side")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1000, help="ports bound before the clock starts")
     parser.add_argument("--hosts", type=int, default=50)
     parser.add_argument("--sriov-hosts", type=int, default=None,
                         help="default: enough for every SR-IOV port to get a VF (32 per host)")
     args = parser.parse_args()
-    args.sriov_hosts = args.sriov_hosts or max(20, -(-args.ports // 5 // 32))
+    args.sriov_hosts = args.sriov_hosts or max(20, -(-(args.ports + args.warmup) // 5 // 32))
     modes = args.modes.split(",")
     if args.baseline:
         MODES["baseline"] = {**MODES["batched"], "PYTHONPATH": str(Path(args.baseline).resolve())}
@@ -211,7 +223,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for round_number in range(args.rounds):
         for mode in modes if round_number % 2 == 0 else reversed(modes):
-            result = run_mode(mode, args.ports, args.hosts, args.sriov_hosts)
+            result = run_mode(mode, args.ports, args.hosts, args.sriov_hosts, args.warmup)
             runs[mode].append(result)
             print(f"round {round_number + 1} {mode:<12} {result['events']} ports in {result['seconds']:.2f} s = "
                   f"{result['rate']:.0f}/s (all published in {result['published']:.2f} s; "
