@@ -2,10 +2,10 @@
 
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.db import among, insert_on_conflict
+from pipeline.db import among, insert_rows
 from pipeline.models.events import Envelope
 from pipeline.models.tables import EventLog, StageMark, utcnow
 
@@ -18,9 +18,9 @@ def record_events(session: Session, envelopes: list[Envelope]) -> None:
     if not envelopes:
         return
     now = utcnow()
-    session.execute(insert_on_conflict(session, EventLog.__table__).on_conflict_do_nothing(), [
+    insert_rows(session, EventLog.__table__, [
         {"event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at, "received_at": now,
-         "envelope": e.model_dump(mode="json")} for e in envelopes])
+         "envelope": e.model_dump(mode="json")} for e in envelopes], on_conflict="nothing")
 
 
 def stored_outputs(session: Session, job_ids: list[str], stage: str) -> dict[str, list[Any]]:
@@ -38,7 +38,7 @@ def add_marks(session: Session, stage: str, outputs: dict[str, list[Any]]) -> No
     transaction back."""
     if outputs:
         now = utcnow()
-        session.execute(insert(StageMark.__table__), [
+        insert_rows(session, StageMark.__table__, [
             {"job_id": job_id, "stage": stage, "output": output, "done_at": now} for job_id, output in outputs.items()])
 
 

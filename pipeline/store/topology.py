@@ -3,10 +3,10 @@
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
-from pipeline.db import among, insert_on_conflict
+from pipeline.db import among, insert_rows
 from pipeline.models.tables import AgentRow, BindingRow, NetworkRow, PortRow, SegmentRow
 from pipeline.models.topology import Agent, Network, Port, Segment, Subnet
 from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES
@@ -147,29 +147,25 @@ def store_port(row: PortRow | None, port: Port) -> tuple[PortRow, bool]:
 
 
 def insert_ports(session: Session, rows: list[PortRow]) -> None:
-    """New ports (rows made by ``store_port``, in no session): one statement run for every row,
+    """New ports (rows made by ``store_port``, in no session): one statement for them all,
     without the ORM's unit of work (measured: a fifth of validate's time went to it)."""
     if rows:
         now = datetime.now(UTC)
-        session.execute(insert(PortRow.__table__), [
+        insert_rows(session, PortRow.__table__, [
             {"id": r.id, "network_id": r.network_id, "host": r.host, "vnic_type": r.vnic_type, "profile": r.profile,
              "body": r.body, "revision": r.revision, "updated_at": now} for r in rows])
 
 
 def save_bindings(session: Session, bindings: dict[tuple[str, str], dict[str, Any] | None]) -> None:
     """A batch's final binding per (port, host): a row's columns (inserted or replacing the
-    binding there), or None (the binding there is deleted). One statement each, run for every row."""
+    binding there), or None (the binding there is deleted). One statement each."""
     gone = [{"port": port, "host": host} for (port, host), row in bindings.items() if row is None]
     kept = [row for row in bindings.values() if row is not None]
     table = BindingRow.__table__
     if gone:
         session.execute(delete(table).where(table.c.port_id == bindparam("port"), table.c.host == bindparam("host")),
                         gone)
-    if kept:
-        insert = insert_on_conflict(session, table)
-        session.execute(insert.on_conflict_do_update(
-            index_elements=[table.c.port_id, table.c.host],
-            set_={c.name: insert.excluded[c.name] for c in table.c if not c.primary_key}), kept)
+    insert_rows(session, table, kept, on_conflict="update")
 
 
 def bindings_of(session: Session, port_ids: list[str]) -> list[BindingRow]:
