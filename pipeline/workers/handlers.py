@@ -11,10 +11,10 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
-from pipeline.db import among
+from pipeline.db import among, insert_rows
 from pipeline.drivers.api import OriginalBinding
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, BindingResult, DriverConfig
@@ -330,7 +330,7 @@ class ComposeHandler(PortLockingHandler):
 
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
         self.bindings: dict[tuple[str, str], dict[str, Any] | None] = {}  # the batch's last word per (port, host)
-        self.results: list[tuple[ResultRow, dict[str, Any] | None, BindingResult, Publish | None]] = []
+        self.results: list[tuple[dict[str, Any], dict[str, Any] | None, BindingResult, Publish | None]] = []
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if self.is_stale(job):
@@ -367,53 +367,60 @@ class ComposeHandler(PortLockingHandler):
     def add_result(self, session: Session, job: BindingJob, result: BindingResult,
                    binding: dict[str, Any] | None = None) -> Publish | None:
         """Record the result in the outbox; what to publish (see ``outbox``). Its ``seq`` is filled
-        in by ``finish``, once the batch's rows are inserted."""
+        in by ``finish``, which inserts the batch's rows."""
         result.event_id = job.event_id
-        row, publish = outbox(session, result, job.occurred_at)
+        row, publish = outbox(result, job.occurred_at)
         self.results.append((row, binding, result, publish))
         return publish
 
     def finish(self, session: Session) -> None:
-        reserve_seqs(session, [row for row, _, _, _ in self.results])
-        session.flush()  # the results (SQLite numbers them here)
+        insert_results(session, [row for row, _, _, _ in self.results])
         for row, binding, result, publish in self.results:
             number(row, result, publish)
             if binding is not None:
-                binding["result_seq"] = row.seq
+                binding["result_seq"] = row["seq"]
         topo.save_bindings(session, self.bindings)
 
 
-def outbox(session: Session, result: BindingResult, occurred_at: datetime | None) -> tuple[ResultRow, Publish | None]:
-    """A result row in the outbox, and what to publish: nothing for a port with no host (no one to
-    tell; the row is only kept for ``explain``)."""
+def outbox(result: BindingResult, occurred_at: datetime | None) -> tuple[dict[str, Any], Publish | None]:
+    """A result's outbox row (for ``insert_results``), and what to publish: nothing for a port with
+    no host (no one to tell; the row is only kept for ``explain``)."""
     body = result.model_dump(mode="json")
-    row = ResultRow(event_id=result.event_id or "", port_id=result.port_id, host=result.host or "", body=body)
-    session.add(row)
-    if not row.host:
-        row.published_at = utcnow()
+    now = utcnow()
+    host = result.host or ""
+    row = {"event_id": result.event_id or "", "port_id": result.port_id, "host": host, "body": body,
+           "created_at": now, "published_at": None if host else now}
+    if not host:
         return row, None
-    return row, Publish(RESULTS.name, host_routing_key(row.host), dict(body), occurred_at, result)
+    return row, Publish(RESULTS.name, host_routing_key(host), dict(body), occurred_at, result)
 
 
-def reserve_seqs(session: Session, rows: list[ResultRow]) -> None:
-    """On PostgreSQL, take the rows' ``seq`` from the sequence in one query before inserting them:
-    the INSERT then needs no RETURNING, and is one prepared statement run for every row, instead of
-    a multi-row INSERT … RETURNING whose long text psycopg parses anew each batch (measured: ~20 µs
-    per result). SQLite numbers them as it inserts them."""
-    if rows and session.get_bind().dialect.name == "postgresql":
-        with session.no_autoflush:  # the rows must not be inserted before they have their seq
-            seqs = sorted(session.scalars(text("SELECT nextval(pg_get_serial_sequence('results', 'seq')) "
-                                               "FROM generate_series(1, :n)"), {"n": len(rows)}))
+def insert_results(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert outbox rows and give each its ``seq``. On PostgreSQL the seqs are taken from the
+    sequence first (one query) and the rows inserted as one statement without RETURNING (a
+    multi-row INSERT … RETURNING is a long statement psycopg parses anew each batch); SQLite numbers
+    them as it inserts them, and returns the numbers in order."""
+    if not rows:
+        return
+    table = ResultRow.__table__
+    if session.get_bind().dialect.name == "postgresql":
+        seqs = sorted(session.scalars(text("SELECT nextval(pg_get_serial_sequence('results', 'seq')) "
+                                           "FROM generate_series(1, :n)"), {"n": len(rows)}))
         for row, seq in zip(rows, seqs, strict=True):
-            row.seq = seq
+            row["seq"] = seq
+        insert_rows(session, table, rows)
+        return
+    seqs = session.scalars(insert(table).returning(table.c.seq, sort_by_parameter_order=True), rows).all()
+    for row, seq in zip(rows, seqs, strict=True):
+        row["seq"] = seq
 
 
-def number(row: ResultRow, result: BindingResult, publish: Publish | None) -> None:
+def number(row: dict[str, Any], result: BindingResult, publish: Publish | None) -> None:
     """Once the row is inserted: its ``seq`` in the result and in the body to publish (the stored
     body is left as written; ``ResultRow.published`` adds the seq, saving an UPDATE per result)."""
-    result.seq = row.seq
+    result.seq = row["seq"]
     if publish is not None:
-        publish.body["seq"] = row.seq
+        publish.body["seq"] = row["seq"]
 
 
 def refusal(session: Session, poison: PoisonMessage) -> Publish | None:
@@ -426,9 +433,8 @@ def refusal(session: Session, poison: PoisonMessage) -> Publish | None:
     result = BindingResult(id=poison.port_id, port_id=poison.port_id, host=host, event_id=poison.event_id,
                            vif_type=v.VIF_TYPE_BINDING_FAILED, vif_details={},
                            error=f"Refused: {poison.category}: {poison.reason}")
-    row, publish = outbox(session, result, None)
-    reserve_seqs(session, [row])
-    session.flush()
+    row, publish = outbox(result, None)
+    insert_results(session, [row])
     number(row, result, publish)
     return publish
 
