@@ -31,6 +31,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 REDACTED = "***"
@@ -105,6 +106,11 @@ class _StderrLogger:
 _STDERR = _StderrLogger()
 
 
+def _json_line(event_dict: dict[str, Any], default: Callable[[Any], Any] | None = None) -> str:
+    """A JSON log line by orjson (a worker writes one per binding: ~3 times faster than json.dumps)."""
+    return orjson.dumps(event_dict, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
     """Configure structlog and the stdlib root logger once per process (calling again reconfigures).
 
@@ -127,7 +133,7 @@ def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
     renderer: Any
     if fmt == "json":
         final: list[Any] = [structlog.processors.format_exc_info, redact_secrets]
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_json_line)
     else:
         final = [redact_secrets]
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=_redacted_traceback)
