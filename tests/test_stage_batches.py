@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from pipeline.db import create_schema, make_engine, run_transaction
@@ -88,3 +88,14 @@ def test_a_port_deleted_and_created_again_in_one_batch_keeps_only_its_new_bindin
     assert bindings[0].result_seq == results[-1].seq
     assert [(r.host, r.body["vif_type"]) for r in results] == [
         ("cmp-a", "ovs"), ("cmp-a", "unbound"), ("cmp-b", "ovs"), ("cmp-b", "unbound"), ("cmp-a", "ovs")]
+
+
+def test_the_event_log_keeps_each_envelope_as_it_arrived(engine):
+    """Byte for byte (spacing and key order included), not the model's re-encoding."""
+    settings = Settings(database_url=str(engine.url))
+    body = ('{ "payload": {"id": "net-9", "segments": []},  "event_type": "network.upsert",\n'
+            f'  "occurred_at": "2025-01-01T00:00:00Z", "event_id": "{uuid.uuid4()}" }}').encode()
+    run_batch(engine, settings, [body])
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT CAST(envelope AS TEXT) FROM event_log")).scalar_one()
+    assert stored == body.decode()

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from pipeline.models.binding import RequestContext
 from pipeline.models.pci import HostPciInventory
@@ -73,6 +74,12 @@ class Envelope(BaseModel):
     occurred_at: datetime
     context: RequestContext = Field(default_factory=RequestContext)
     payload: dict[str, Any]
+    _raw: bytes | str | None = PrivateAttr(default=None)  # the JSON it was decoded from, if it was
+
+    def as_received(self) -> Any:
+        """The envelope for the event log: the JSON as it arrived (orjson writes it unchanged), else
+        the model's JSON form."""
+        return orjson.Fragment(self._raw) if self._raw is not None else self.model_dump(mode="json")
 
     @model_validator(mode="after")
     def _payload_matches_type(self) -> "Envelope":

@@ -20,7 +20,7 @@ def record_events(session: Session, envelopes: list[Envelope]) -> None:
     now = utcnow()
     insert_rows(session, EventLog.__table__, [
         {"event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at, "received_at": now,
-         "envelope": e.model_dump(mode="json")} for e in envelopes], on_conflict="nothing")
+         "envelope": e.as_received()} for e in envelopes], on_conflict="nothing")
 
 
 def stored_outputs(session: Session, job_ids: list[str], stage: str) -> dict[str, list[Any]]:

@@ -83,11 +83,13 @@ def decode_envelope(body: bytes | str, max_bytes: int) -> Envelope:
         raise PoisonMessage("unknown_event_type", f"unknown event_type {data.get('event_type')!r}"[:300],
                             event_id, port_id, host)
     try:
-        return Envelope.model_validate(data)
+        envelope = Envelope.model_validate(data)
     except (ValidationError, RecursionError) as exc:
         detail = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in detail["loc"])
         raise PoisonMessage("bad_schema", f"{where}: {detail['msg']}"[:500], event_id, port_id, host) from None
+    envelope._raw = body  # the event log keeps the envelope as it arrived
+    return envelope
 
 
 HANDOFF_JOBS = 50  # jobs per hand-off message between stages
