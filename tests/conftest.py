@@ -2,6 +2,7 @@
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
@@ -26,6 +27,18 @@ def pg_url() -> Iterator[str]:
 def pg_engine(pg_url: str) -> Iterator[Engine]:
     """An engine on a fresh PostgreSQL database with the schema created."""
     engine = make_engine(pg_url)
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.services), "sqlite"])
+def any_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine with the schema created, once on a fresh PostgreSQL database, once on a SQLite file."""
+    if request.param == "postgresql":
+        yield request.getfixturevalue("pg_engine")
+        return
+    engine = make_engine(f"sqlite:///{tmp_path / 'any.sqlite'}")
     create_schema(engine)
     yield engine
     engine.dispose()

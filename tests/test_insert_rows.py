@@ -1,9 +1,7 @@
 """``pipeline.db.insert_rows``: one statement for a batch of rows, on PostgreSQL (rows as one JSON
 text) and SQLite (an executemany), with the same results on both."""
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import orjson
 import pytest
@@ -11,21 +9,15 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from pipeline.db import create_schema, insert_rows, is_transient, make_engine
+from pipeline.db import insert_rows, is_transient
 from pipeline.models.tables import AgentRow, BindingRow, EventLog, StageMark
 
 AT = datetime(2026, 11, 24, 3, 4, 5, 678901, tzinfo=UTC)
 
 
-@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.services), "sqlite"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "postgresql":
-        yield request.getfixturevalue("pg_engine")
-        return
-    engine = make_engine(f"sqlite:///{tmp_path}/rows.sqlite")
-    create_schema(engine)
-    yield engine
-    engine.dispose()
+@pytest.fixture
+def engine(any_engine: Engine) -> Engine:
+    return any_engine
 
 
 def aware(value: datetime) -> datetime:

@@ -10,7 +10,7 @@ index, PF/VF exclusion) are checked with raw SQL, on PostgreSQL and on SQLite.
 
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from pipeline.db import create_schema, make_engine, run_transaction
+from pipeline.db import run_transaction
 from pipeline.models import vocabulary as v
 from pipeline.models.events import PciInventoryPayload
 from pipeline.models.pci import HostPciInventory
@@ -228,17 +228,6 @@ def test_pf_and_vf_requests_racing_never_share_a_pf_group(pg_engine: Engine):
 
 
 # --- 3. the constraints, not the code, are the guarantee ------------------------------------------
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def any_engine(request: pytest.FixtureRequest, tmp_path) -> Iterator[Engine]:  # noqa: ANN001
-    if request.param == "postgresql":
-        yield request.getfixturevalue("pg_engine")
-        return
-    engine = make_engine(f"sqlite:///{tmp_path / 'pci.db'}")
-    create_schema(engine)
-    yield engine
-    engine.dispose()
-
 
 def raw_update(engine: Engine, address: str, owner: str, host: str = HOST) -> None:
     with engine.begin() as conn:

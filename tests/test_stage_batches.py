@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from pipeline.db import create_schema, make_engine, run_transaction
+from pipeline.db import run_transaction
 from pipeline.models.events import Envelope
 from pipeline.models.tables import BindingRow, ResultRow
 from pipeline.settings import Settings
@@ -42,13 +42,9 @@ def run_batch(engine: Engine, settings: Settings, bodies: list[bytes]) -> None:
                   for exchange, _, body in handoff_messages(outputs) if exchange == "binding.stages"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path) -> Engine:  # noqa: ANN001
-    if request.param == "postgresql":
-        return request.getfixturevalue("pg_engine")
-    engine = make_engine(f"sqlite:///{tmp_path}/batches.sqlite")
-    create_schema(engine)
-    return engine
+@pytest.fixture
+def engine(any_engine: Engine) -> Engine:
+    return any_engine
 
 
 def test_a_port_moved_away_and_back_in_one_batch_is_bound_once_where_it_ended(engine):
