@@ -12,10 +12,9 @@ from pipeline.models.tables import EventLog, StageMark, utcnow
 
 def record_events(session: Session, envelopes: list[Envelope]) -> None:
     """Append to the event log (one statement, ``insert_rows``), each envelope as it arrived. An
-    event_id logged before is
-    skipped here; its handling is refused by the validate mark, which shares its commit: a copy
-    handled concurrently by another worker conflicts on the mark's key and is retried as a
-    duplicate."""
+    event_id logged before is skipped here; its handling is refused by the validate mark, which
+    shares its commit: a copy handled concurrently by another worker conflicts on the mark's key
+    and is retried as a duplicate."""
     if not envelopes:
         return
     now = utcnow()
