@@ -9,6 +9,7 @@ database equals the catalog of a ``create_all`` one, and the guards refuse what 
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,12 @@ from pipeline.cli import app
 from pipeline.db import create_schema, make_engine
 from pipeline.models.tables import Base
 from pipeline.store.pci import device_holders
+from pipeline.workers.republish import relay_query
 from tests.services import fresh_database
 
 pytestmark = pytest.mark.services
 
-HEAD = "0002"
+HEAD = "0003"
 PF, VF0, VF1 = "0000:81:00.0", "0000:81:10.0", "0000:81:10.1"
 
 
@@ -159,6 +161,25 @@ def test_0002_puts_the_port_first_in_the_owner_index_and_the_holders_query_uses_
     assert "uq_pci_devices_owner" in plan, plan
     assert migrate.downgrade(pg_url, "0001") == "0001"
     assert "(host, owner_port_id)" in owner_index(engine)
+
+
+def test_0003_indexes_the_unpublished_results_and_the_relay_reads_only_them(pg_url: str, engine_of):
+    engine = engine_of(pg_url)
+    assert migrate.upgrade(pg_url, "0002") == "0002"
+    with engine.begin() as conn:  # a long history, all of it published, and one result that is not
+        conn.execute(text(
+            "INSERT INTO results (event_id, port_id, host, body, created_at, published_at) SELECT 'e' || n, "
+            "'p' || n, 'h', '{}', now() - interval '1 hour', CASE WHEN n = 7 THEN NULL ELSE now() END "
+            "FROM generate_series(1, 20000) AS n"))
+    assert migrate.upgrade(pg_url) == HEAD
+    with engine.begin() as conn:
+        conn.execute(text("ANALYZE results"))
+        query = relay_query(datetime.now(UTC)).compile(conn, compile_kwargs={"literal_binds": True})
+        plan = "\n".join(conn.execute(text(f"EXPLAIN {query}")).scalars())
+        assert [r.seq for r in Session(conn).scalars(relay_query(datetime.now(UTC)))] == [7]
+    assert "ix_results_unpublished" in plan, plan
+    assert migrate.downgrade(pg_url, "0002") == "0002"
+    assert "ix_results_unpublished" not in {ix["name"] for ix in inspect(engine).get_indexes("results")}
 
 
 def test_the_migrated_exclusion_constraint_exists_and_refuses_a_pf_beside_its_vf(pg_url: str, engine_of):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.models.tables import ResultRow
@@ -30,16 +30,20 @@ REPLAY_HEADER = {"x-bindpipe-replay": True}
 
 def relay_once(engine: Engine, publisher: BatchPublisher, grace_seconds: float = 5.0, limit: int = 500) -> int:
     """Publish up to ``limit`` results left unpublished for longer than ``grace_seconds``."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=grace_seconds)
     with Session(engine) as session:
-        rows = session.scalars(select(ResultRow).where(ResultRow.published_at.is_(None),
-                                                       ResultRow.created_at < cutoff)
-                               .order_by(ResultRow.seq).limit(limit)).all()
+        rows = session.scalars(relay_query(datetime.now(UTC) - timedelta(seconds=grace_seconds), limit)).all()
     publisher.publish((RESULTS.name, host_routing_key(r.host), r.published()) for r in rows)
     mark_published(engine, [r.seq for r in rows])
     if rows:
         log.warning("relayed unpublished results", count=len(rows))
     return len(rows)
+
+
+def relay_query(cutoff: datetime, limit: int = 500) -> Select:
+    """Results left unpublished since before ``cutoff``, oldest first (read through the partial
+    index ``ix_results_unpublished``, not the whole history)."""
+    return (select(ResultRow).where(ResultRow.published_at.is_(None), ResultRow.created_at < cutoff)
+            .order_by(ResultRow.seq).limit(limit))
 
 
 def replay_results(engine: Engine, publisher: BatchPublisher, host: str, since: int = 0) -> int:
