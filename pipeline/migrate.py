@@ -91,8 +91,9 @@ def current(url: str) -> str | None:
 
 
 def _normal(sql: str) -> str:
-    """SQL text compared loosely: case, whitespace, parentheses and ``IF NOT EXISTS`` ignored."""
-    sql = re.sub(r"\bif not exists\b", " ", sql.lower())
+    """SQL text compared loosely: case, whitespace, parentheses, ``IF NOT EXISTS`` and the ``::text``
+    casts PostgreSQL adds to a reflected ``WHERE`` ignored."""
+    sql = re.sub(r"\bif not exists\b|::text\b", " ", sql.lower())
     return " ".join(re.sub(r"[()]", " ", sql).split())
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, event, inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
@@ -25,12 +25,13 @@ from pipeline.cli import app
 from pipeline.db import create_schema, make_engine
 from pipeline.models.tables import Base
 from pipeline.store.pci import device_holders
+from pipeline.store.topology import failed_ports_on_host
 from pipeline.workers.republish import relay_query
 from tests.services import fresh_database
 
 pytestmark = pytest.mark.services
 
-HEAD = "0003"
+HEAD = "0004"
 PF, VF0, VF1 = "0000:81:00.0", "0000:81:10.0", "0000:81:10.1"
 
 
@@ -180,6 +181,27 @@ def test_0003_indexes_the_unpublished_results_and_the_relay_reads_only_them(pg_u
     assert "ix_results_unpublished" in plan, plan
     assert migrate.downgrade(pg_url, "0002") == "0002"
     assert "ix_results_unpublished" not in {ix["name"] for ix in inspect(engine).get_indexes("results")}
+
+
+def test_0004_indexes_failed_bindings_by_host_and_a_revival_reads_only_them(pg_url: str, engine_of):
+    engine = engine_of(pg_url)
+    assert migrate.upgrade(pg_url, "0003") == "0003"
+    with engine.begin() as conn:  # many good bindings on many hosts, two failed ones on the revived host
+        conn.execute(text(
+            "INSERT INTO bindings (port_id, host, status, vnic_type, profile, vif_type, vif_details, levels, "
+            "event_id, updated_at) SELECT 'p' || n, 'h' || (n % 500), 'ACTIVE', 'normal', '{}', CASE WHEN n IN (3, 503) "
+            "THEN 'binding_failed' ELSE 'ovs' END, '{}', '[]', 'e', now() FROM generate_series(1, 20000) AS n"))
+    assert migrate.upgrade(pg_url) == HEAD
+    with engine.begin() as conn:
+        conn.execute(text("ANALYZE bindings"))
+        with Session(conn) as session:
+            statements = []
+            event.listen(conn, "before_cursor_execute", lambda *args: statements.append(args[2:4]))
+            assert sorted(failed_ports_on_host(session, "h3")) == ["p3", "p503"]
+            sql, parameters = statements[-1]  # as sent: the vif_type written in, the rest bound
+            plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + sql, parameters).scalars())
+    assert "ix_bindings_failed_by_host" in plan, plan
+    assert migrate.downgrade(pg_url, "0003") == "0003"
 
 
 def test_the_migrated_exclusion_constraint_exists_and_refuses_a_pf_beside_its_vf(pg_url: str, engine_of):

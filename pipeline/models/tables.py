@@ -114,6 +114,12 @@ class BindingRow(Base):
     """A port's binding on one host (ACTIVE, or INACTIVE during a move)."""
 
     __tablename__ = "bindings"
+    __table_args__ = (
+        # an agent's revival re-binds the ports that failed on its host: found among the failed
+        # bindings alone, not by a pass over every binding (the key leads with the port)
+        Index("ix_bindings_failed_by_host", "host", postgresql_where=text("vif_type = 'binding_failed'"),
+              sqlite_where=text("vif_type = 'binding_failed'")),
+    )
 
     port_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     host: Mapped[str] = mapped_column(String(255), primary_key=True)

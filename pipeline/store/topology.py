@@ -3,13 +3,13 @@
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import bindparam, delete, literal, select
 from sqlalchemy.orm import Session
 
 from pipeline.db import among, insert_rows
 from pipeline.models.tables import AgentRow, BindingRow, NetworkRow, PortRow, SegmentRow
 from pipeline.models.topology import Agent, Network, Port, Segment, Subnet
-from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES
+from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES, VIF_TYPE_BINDING_FAILED
 
 PORT_INPUT_KEYS = ("host", "vnic_type", "profile")
 
@@ -176,5 +176,9 @@ def bindings_of(session: Session, port_ids: list[str]) -> list[BindingRow]:
 
 
 def failed_ports_on_host(session: Session, host: str) -> list[str]:
+    """The ports whose binding failed on ``host``. The vif_type is written into the statement, not
+    bound: a prepared statement's generic plan could not use the partial index
+    ``ix_bindings_failed_by_host`` for an unknown value."""
     return list(session.scalars(select(BindingRow.port_id).where(
-        BindingRow.host == host, BindingRow.status == "ACTIVE", BindingRow.vif_type == "binding_failed")))
+        BindingRow.host == host, BindingRow.status == "ACTIVE",
+        BindingRow.vif_type == literal(VIF_TYPE_BINDING_FAILED, literal_execute=True))))
