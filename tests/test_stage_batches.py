@@ -10,9 +10,11 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from pipeline.db import run_transaction
+from pipeline.models.binding import RequestContext
 from pipeline.models.events import Envelope
 from pipeline.models.tables import BindingRow, ResultRow
 from pipeline.settings import Settings
+from pipeline.workers import handlers
 from pipeline.workers.handlers import HANDLERS
 from pipeline.workers.messages import handoff_messages
 from pipeline.workers.topology import STAGES
@@ -28,7 +30,7 @@ def agent(host: str) -> dict:
 
 def envelope(kind: str, payload: dict, seconds: int) -> bytes:
     env = Envelope(event_id=uuid.uuid4(), event_type=kind, occurred_at=T0 + timedelta(seconds=seconds),
-                   payload=payload)
+                   payload=payload, context=RequestContext.service())
     return orjson.dumps(env.model_dump(mode="json"))
 
 
@@ -95,3 +97,38 @@ def test_the_event_log_keeps_each_envelope_as_it_arrived(engine):
     with engine.connect() as conn:
         stored = conn.execute(text("SELECT CAST(envelope AS TEXT) FROM event_log")).scalar_one()
     assert stored == body.decode()
+
+
+def test_only_a_remote_managed_port_is_offered_every_ovn_chassis(engine, monkeypatch):
+    """In an OVN cloud every compute host is a chassis: a batch of ordinary ports must not read them
+    all, nor offer them all to each port; a remote-managed port needs them to find its DPU."""
+    chassis = {"agent_type": "OVN Controller agent", "configurations": {"datapath-type": "system"}}
+    offered: dict[str, tuple[int, object]] = {}
+    real = handlers.manager_for
+
+    def spying_manager(config):  # noqa: ANN001, ANN202
+        manager = real(config)
+
+        class Spy:
+            def bind_port(self, request, network, agents, original):  # noqa: ANN001, ANN201
+                selection = manager.bind_port(request, network, agents, original)
+                offered[request.port.id] = (len(agents), selection)
+                return selection
+        return Spy()
+
+    monkeypatch.setattr(handlers, "manager_for", spying_manager)
+    settings = Settings(database_url=str(engine.url))
+    run_batch(engine, settings, [envelope("network.upsert", NETWORK, 0)]
+              + [envelope("agent.report", {**chassis, "host": f"c{i}"}, 0) for i in range(120)]
+              + [envelope("agent.report", {**chassis, "host": "dpu-1",
+                                           "configurations": {"ovn-cms-options": "card-serial-number=MT42"}}, 0)])
+    dpu_profile = {"pci_vendor_info": "15b3:101e", "pci_slot": "0000:03:00.2", "card_serial_number": "MT42",
+                   "physical_network": None,
+                   "pf_mac_address": "aa:bb:cc:dd:ee:ff", "vf_num": 2}
+    run_batch(engine, settings, [envelope("port.create", {"id": f"p{i}", "network_id": "net-1", "host": f"c{i}"}, 1)
+                                 for i in range(20)]
+              + [envelope("port.create", {"id": "p-dpu", "network_id": "net-1", "host": "c5",
+                                          "vnic_type": "remote-managed", "profile": dpu_profile}, 1)])
+    assert {offered[f"p{i}"][0] for i in range(20)} == {1}  # its own host's chassis only
+    count, selection = offered["p-dpu"]
+    assert count == 121 and selection.vif_type == "ovs" and selection.levels[0].driver == "ovn"

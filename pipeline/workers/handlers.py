@@ -243,11 +243,18 @@ class SelectHandler(StageHandler):
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
         ports = [j.port for j in items if j.port is not None]
         self.networks = topo.load_networks(session, {p.network_id for p in ports})
-        self.chassis_hosts = topo.all_ovn_chassis_hosts(session)
+        # only a remote-managed port binds on another host's chassis (its DPU's): every OVN chassis
+        # (in an OVN cloud, every compute host) is read for a batch that has one, and offered to it
+        self.chassis_hosts = (topo.all_ovn_chassis_hosts(session) if any(self.on_dpu(j) for j in items)
+                              else set())
         self.agent_rows: dict[str, list] = {}
         for row in topo.agent_rows(session, {p.host for p in ports} | self.chassis_hosts):
             self.agent_rows.setdefault(row.host, []).append(row)
         self.agents: dict[tuple[str, bool], Agent] = {}  # (agent id, alive): built once a batch
+
+    @staticmethod
+    def on_dpu(job: BindingJob) -> bool:
+        return job.port is not None and validated(job).vnic_type == v.VNIC_REMOTE_MANAGED
 
     def agent(self, row: AgentRow, at: datetime) -> Agent:
         """The agent of ``row`` as it was at ``at``."""
@@ -262,8 +269,8 @@ class SelectHandler(StageHandler):
             if network is None:
                 job.error = f"InvalidInput: network_id: network {job.port.network_id} is not known"
             else:
-                agents = [self.agent(r, job.occurred_at) for host in sorted({job.port.host} | self.chassis_hosts)
-                          for r in self.agent_rows.get(host, [])]
+                hosts = {job.port.host} | self.chassis_hosts if self.on_dpu(job) else {job.port.host}
+                agents = [self.agent(r, job.occurred_at) for host in sorted(hosts) for r in self.agent_rows.get(host, [])]
                 original = OriginalBinding(**job.original) if job.original else None
                 try:
                     job.selection = manager_for(self.driver_config).bind_port(validated(job), network, agents,
