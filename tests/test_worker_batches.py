@@ -185,3 +185,14 @@ def test_compose_resends_unpublished_results_from_old_and_new_marks(embedded):
         for mark in ([seqs["sent"], seqs["done"]], old_mark):
             out = handler.redelivered(session, mark)
             assert [(p.routing_key, p.body) for p in out] == [("host.h1", {"port_id": "p1", "seq": seqs["sent"]})]
+
+
+def test_a_worker_told_to_stop_while_the_broker_is_away_stops(tmp_path):
+    """No broker listening: the worker retries its connection; told to stop, it leaves within
+    seconds (it held nothing), instead of retrying for minutes until a SIGKILL."""
+    settings = Settings(broker_url="amqp://guest:guest@127.0.0.1:1//", database_url=f"sqlite:///{tmp_path}/db.sqlite")
+    worker = Worker(settings, make_engine(settings.database_url), ["validate"])
+    with worker.running_in_thread():
+        time.sleep(1.5)  # a few failed attempts
+        started = time.monotonic()
+    assert worker.stopped and time.monotonic() - started < 10

@@ -81,7 +81,12 @@ class Worker(ConsumerProducerMixin):
     @contextmanager
     def establish_connection(self):  # noqa: ANN201 - the mixin's context manager
         with self.create_connection() as conn:
-            connect_with_retry(conn)
+            try:
+                connect_with_retry(conn, stop_requested=lambda: self.stopping)
+            except Exception:
+                if self.stopping:  # told to stop while the broker is away: nothing is in hand, leave
+                    self.should_stop = True
+                raise
             yield conn
 
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:

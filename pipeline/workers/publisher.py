@@ -22,7 +22,7 @@ from amqp import Message, spec
 from amqp.method_framing import frame_writer
 from amqp.serialization import dumps
 from kombu import Connection, Producer
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_any, wait_exponential_jitter
 
 log = structlog.get_logger(__name__)
 
@@ -130,11 +130,15 @@ class BatchPublisher:
             pass
 
 
-def connect_with_retry(connection: Connection, max_seconds: float = 300.0) -> Connection:
-    """Connect, retrying with exponential backoff and jitter (a broker restart takes seconds)."""
+def connect_with_retry(connection: Connection, max_seconds: float = 300.0,
+                       stop_requested: Callable[[], bool] = lambda: False) -> Connection:
+    """Connect, retrying with exponential backoff and jitter (a broker restart takes seconds), until
+    ``max_seconds`` have passed or ``stop_requested()`` (a worker told to stop while the broker is
+    away); the last error is raised then."""
     for attempt in Retrying(retry=retry_if_exception_type(tuple(connection.recoverable_connection_errors)
                                                            + tuple(connection.connection_errors) + (OSError,)),
-                            wait=wait_exponential_jitter(multiplier=0.2, max=5.0), stop=stop_after_delay(max_seconds),
+                            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+                            stop=stop_any(stop_after_delay(max_seconds), lambda _: stop_requested()),
                             reraise=True,
                             before_sleep=lambda s: log.warning("broker connection failed, retrying",
                                                                attempt=s.attempt_number,
