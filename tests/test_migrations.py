@@ -138,7 +138,8 @@ def test_a_migrated_postgres_catalog_equals_create_all(pg_url: str, created_all_
 def test_0002_puts_the_port_first_in_the_owner_index_and_the_holders_query_uses_it(pg_url: str, engine_of):
     def owner_index(engine: Engine) -> str:
         with engine.connect() as conn:
-            return conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_pci_devices_owner'")).scalar_one()
+            return conn.execute(text("SELECT indexdef FROM pg_indexes "
+                                     "WHERE indexname = 'uq_pci_devices_owner'")).scalar_one()
 
     engine = engine_of(pg_url)
     assert migrate.upgrade(pg_url, "0001") == "0001"
@@ -164,17 +165,24 @@ def test_0002_puts_the_port_first_in_the_owner_index_and_the_holders_query_uses_
     assert "(host, owner_port_id)" in owner_index(engine)
 
 
-def test_0003_indexes_the_unpublished_results_and_the_relay_reads_only_them(pg_url: str, engine_of):
-    engine = engine_of(pg_url)
-    assert migrate.upgrade(pg_url, "0002") == "0002"
-    with engine.begin() as conn:  # a long history, all of it published, and one result that is not
-        conn.execute(text(
-            "INSERT INTO results (event_id, port_id, host, body, created_at, published_at) SELECT 'e' || n, "
-            "'p' || n, 'h', '{}', now() - interval '1 hour', CASE WHEN n = 7 THEN NULL ELSE now() END "
-            "FROM generate_series(1, 20000) AS n"))
+def upgrade_over_history(pg_url: str, engine: Engine, before: str, history: str, table: str) -> None:
+    """Migrate to ``before``, fill it with ``history`` (SQL), upgrade to head and analyze ``table``:
+    a new index is judged by the plans of a database with a past, not of an empty one."""
+    assert migrate.upgrade(pg_url, before) == before
+    with engine.begin() as conn:
+        conn.execute(text(history))
     assert migrate.upgrade(pg_url) == HEAD
     with engine.begin() as conn:
-        conn.execute(text("ANALYZE results"))
+        conn.execute(text(f"ANALYZE {table}"))
+
+
+def test_0003_indexes_the_unpublished_results_and_the_relay_reads_only_them(pg_url: str, engine_of):
+    engine = engine_of(pg_url)
+    upgrade_over_history(pg_url, engine, "0002", (  # a long history, all of it published but one result
+        "INSERT INTO results (event_id, port_id, host, body, created_at, published_at) SELECT 'e' || n, "
+        "'p' || n, 'h', '{}', now() - interval '1 hour', CASE WHEN n = 7 THEN NULL ELSE now() END "
+        "FROM generate_series(1, 20000) AS n"), "results")
+    with engine.begin() as conn:
         query = relay_query(datetime.now(UTC)).compile(conn, compile_kwargs={"literal_binds": True})
         plan = "\n".join(conn.execute(text(f"EXPLAIN {query}")).scalars())
         assert [r.seq for r in Session(conn).scalars(relay_query(datetime.now(UTC)))] == [7]
@@ -185,15 +193,11 @@ def test_0003_indexes_the_unpublished_results_and_the_relay_reads_only_them(pg_u
 
 def test_0004_indexes_failed_bindings_by_host_and_a_revival_reads_only_them(pg_url: str, engine_of):
     engine = engine_of(pg_url)
-    assert migrate.upgrade(pg_url, "0003") == "0003"
-    with engine.begin() as conn:  # many good bindings on many hosts, two failed ones on the revived host
-        conn.execute(text(
-            "INSERT INTO bindings (port_id, host, status, vnic_type, profile, vif_type, vif_details, levels, "
-            "event_id, updated_at) SELECT 'p' || n, 'h' || (n % 500), 'ACTIVE', 'normal', '{}', CASE WHEN n IN (3, 503) "
-            "THEN 'binding_failed' ELSE 'ovs' END, '{}', '[]', 'e', now() FROM generate_series(1, 20000) AS n"))
-    assert migrate.upgrade(pg_url) == HEAD
+    upgrade_over_history(pg_url, engine, "0003", (  # many good bindings, two failed on the revived host
+        "INSERT INTO bindings (port_id, host, status, vnic_type, profile, vif_type, vif_details, levels, "
+        "event_id, updated_at) SELECT 'p' || n, 'h' || (n % 500), 'ACTIVE', 'normal', '{}', CASE WHEN n IN (3, 503) "
+        "THEN 'binding_failed' ELSE 'ovs' END, '{}', '[]', 'e', now() FROM generate_series(1, 20000) AS n"), "bindings")
     with engine.begin() as conn:
-        conn.execute(text("ANALYZE bindings"))
         with Session(conn) as session:
             statements = []
             event.listen(conn, "before_cursor_execute", lambda *args: statements.append(args[2:4]))
