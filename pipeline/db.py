@@ -100,12 +100,6 @@ def among(session: Session, column: Any, values: Iterable[Any]) -> ColumnElement
                                      .scalar_subquery()))
 
 
-def insert_on_conflict(session: Session, table: Any) -> Any:
-    """The dialect's INSERT for ``table``, with ``on_conflict_do_nothing`` and ``on_conflict_do_update``
-    (PostgreSQL and SQLite both have ``ON CONFLICT``; SQLAlchemy offers it per dialect)."""
-    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert(table)
-
-
 def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]], on_conflict: str | None = None) -> None:
     """INSERT ``rows`` (dicts of the same columns) into ``table`` as one statement. ``on_conflict``:
     None (a key conflict raises), ``"nothing"`` (the row is skipped) or ``"update"`` (the given

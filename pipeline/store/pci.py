@@ -23,11 +23,11 @@ import orjson
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
-from pipeline.db import among, insert_on_conflict
+from pipeline.db import among, insert_rows
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, SelectionOutcome
 from pipeline.models.pci import HostPciInventory, PciDevice
-from pipeline.models.tables import HostInventoryRow, PciDeviceRow
+from pipeline.models.tables import HostInventoryRow, PciDeviceRow, utcnow
 from pipeline.models.topology import Network
 from pipeline.stages.allocation import allocate_device, pci_request_for
 from pipeline.stages.pci_accounting import PciTracker
@@ -128,7 +128,8 @@ def write_back(session: Session, hosts: list[tuple[str, PciTracker, DeviceStates
 def lock_inventory_row(session: Session, host: str) -> HostInventoryRow:
     """The host's inventory row, locked; inserted empty first when missing (``ON CONFLICT DO NOTHING``),
     so that two first inventories of a host queue on the lock instead of one failing on the key."""
-    session.execute(insert_on_conflict(session, HostInventoryRow).values(host=host, inventory={}).on_conflict_do_nothing())
+    insert_rows(session, HostInventoryRow.__table__, [{"host": host, "inventory": {}, "updated_at": utcnow()}],
+                on_conflict="nothing")
     return session.get(HostInventoryRow, host, with_for_update=True)
 
 
