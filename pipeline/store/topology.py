@@ -45,17 +45,12 @@ def load_agents(session: Session, hosts: set[str], at: datetime, down_time: int)
     Liveness is judged at the event's time, not the wall clock, so replaying the log gives the
     same bindings.
     """
-    return agents_at(agent_rows(session, hosts), at, down_time)
+    return [agent_model(r, agent_alive(r, at, down_time)) for r in agent_rows(session, hosts)]
 
 
 def agent_rows(session: Session, hosts: set[str]) -> list[AgentRow]:
     return list(session.scalars(select(AgentRow).where(among(session, AgentRow.host, hosts))
                                 .order_by(AgentRow.host, AgentRow.position)))
-
-
-def agents_at(rows: list[AgentRow], at: datetime, down_time: int) -> list[Agent]:
-    """The agents of ``rows`` as they were at ``at`` (see ``load_agents``)."""
-    return [agent_model(r, agent_alive(r, at, down_time)) for r in rows]
 
 
 def agent_alive(row: AgentRow, at: datetime, down_time: int) -> bool:

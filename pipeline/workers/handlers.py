@@ -196,9 +196,9 @@ class ValidateHandler(StageHandler):
         old_host = row.host if row else ""
         old_profile = dict(row.profile) if row else None
         binding = self.bindings.get((port.id, old_host)) if row else None
-        stored = row
+        is_new = row is None
         row, changed = topo.store_port(row, port)
-        if stored is None:
+        if is_new:
             self.new_ports[port.id] = row
         self.ports[port.id] = row
         needs_bind = force or changed or binding is None or binding.vif_type in v.VIF_UNPLUGGED_TYPES
