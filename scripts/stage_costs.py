@@ -6,7 +6,7 @@ The benchmark's topology and port mix (``scripts/benchmark.py``) are fed through
 allocate and compose in turn, a batch at a time in one transaction each, with the hand-offs
 encoded and decoded between the stages as the workers do (``HANDOFF_JOBS`` jobs a message).
 Prints µs per job of each stage (wall time, so the database's own time counts), with the GC
-tuned as in a worker. ``--profile``
+tuned and paced as in a worker. ``--profile``
 prints a cProfile of one stage. This is the figure ``benchmarks/RESULTS.md`` gives per change:
 cheap to run, free of the broker, and steadier than the whole pipeline's rate.
 
@@ -15,6 +15,7 @@ PostgreSQL runs in a fresh database beside ``BINDPIPE_TEST_DATABASE_URL``'s (dro
 
 import argparse
 import cProfile
+import os
 import pstats
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from benchmark import ports, topology  # noqa: E402
 from pipeline.client import BindingClient  # noqa: E402
 from pipeline.db import create_schema, make_engine, run_transaction  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.workers.consumer import tune_gc  # noqa: E402
+from pipeline.workers.consumer import collect_after_batch, tune_gc  # noqa: E402
 from pipeline.workers.handlers import HANDLERS  # noqa: E402
 from pipeline.workers.messages import HANDOFF_JOBS, handoff_messages  # noqa: E402
 from pipeline.workers.topology import STAGE_EXCHANGE, STAGES  # noqa: E402
@@ -48,6 +49,8 @@ def run_stage(engine, handler, bodies: list[bytes], per_batch: int) -> tuple[lis
         items = [item for body in bodies[first:first + per_batch] for item in handler.decode(body, {})]
         outputs = run_transaction(engine, lambda session, i=items: handler.handle(session, i))
         out += [body for exchange, _, body in handoff_messages(outputs) if exchange == STAGE_EXCHANGE.name]
+        del items, outputs
+        collect_after_batch(first // per_batch + 1)  # as a worker does between batches
         seconds += time.perf_counter() - started
     return out, seconds
 
@@ -83,7 +86,7 @@ def main() -> None:
             bodies, seconds = run_stage(engine, handlers[stage], bodies, per_batch)
             if profile:
                 profile.disable()
-                pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+                pstats.Stats(profile).sort_stats(os.environ.get("SORT", "cumulative")).print_stats(int(os.environ.get("TOP", "40")))
             total += seconds
             print(f"{stage:<9} {seconds / args.ports * 1e6:6.0f} µs/job")
         print(f"{'total':<9} {total / args.ports * 1e6:6.0f} µs/binding ({args.ports / total:.0f}/s in one process, "

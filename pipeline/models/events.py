@@ -75,6 +75,7 @@ class Envelope(BaseModel):
     context: RequestContext = Field(default_factory=RequestContext)
     payload: dict[str, Any]
     _raw: bytes | str | None = PrivateAttr(default=None)  # the JSON it was decoded from, if it was
+    _typed: BaseModel | None = PrivateAttr(default=None)  # the payload as validated
 
     def as_received(self) -> Any:
         """The envelope for the event log: the JSON as it arrived (orjson writes it unchanged), else
@@ -83,11 +84,14 @@ class Envelope(BaseModel):
 
     @model_validator(mode="after")
     def _payload_matches_type(self) -> "Envelope":
-        PAYLOAD_MODELS[self.event_type].model_validate(self.payload)
+        self._typed = PAYLOAD_MODELS[self.event_type].model_validate(self.payload)
         return self
 
     def typed_payload(self) -> BaseModel:
-        return PAYLOAD_MODELS[self.event_type].model_validate(self.payload)
+        """The payload as its event type's model (validated once, with the envelope)."""
+        if self._typed is None:
+            self._typed = PAYLOAD_MODELS[self.event_type].model_validate(self.payload)
+        return self._typed
 
     @classmethod
     def new(cls, event_type: str, payload: dict[str, Any], context: RequestContext | None = None) -> "Envelope":

@@ -1,9 +1,12 @@
 """The database allocator: Nova's rules (``pipeline.stages.pci_accounting``) over locked rows.
 
-A host's device rows are locked (``FOR UPDATE``, in address order), the in-memory tracker is
-rebuilt from them, the stage logic runs, and only the rows whose status or owner changed are
-written back. The row lock orders one host's allocations; the owner column, the partial unique
-index and the PF/VF exclusion constraint make double allocation impossible even if code erred.
+A host's inventory row is its lock: every writer of the host's device rows locks it first
+(``FOR UPDATE``), then reads the device rows (a fresh snapshot, taken once the lock is held), the
+in-memory tracker is rebuilt from them, the stage logic runs, and only the rows whose status or
+owner changed are written back. The device rows themselves are not locked: a row lock writes its
+tuple, and a batch reads every device of its hosts (measured: 6.6 row locks a binding, one WAL
+record each). The lock orders one host's allocations; the owner column, the partial unique index
+and the PF/VF exclusion constraint make double allocation impossible even if code erred.
 
 Devices pending removal (Nova's ``PciDevTracker.to_be_removed_when_freed``): a device in use that
 an inventory no longer reports, or reports without Nova tracking it any more (``tracked: false``,
@@ -39,9 +42,9 @@ DeviceStates = dict[str, tuple[str, str | None]]  # a host's devices as loaded: 
 STATE_COLUMNS = (PciDeviceRow.host, PciDeviceRow.address, PciDeviceRow.status, PciDeviceRow.owner_port_id)
 
 
-def lock_host_devices(session: Session, host: str) -> dict[str, PciDeviceRow]:
-    rows = session.scalars(select(PciDeviceRow).where(PciDeviceRow.host == host)
-                           .order_by(PciDeviceRow.address).with_for_update()).all()
+def host_devices(session: Session, host: str) -> dict[str, PciDeviceRow]:
+    """The host's device rows (its inventory row locked first: see the module's docstring)."""
+    rows = session.scalars(select(PciDeviceRow).where(PciDeviceRow.host == host).order_by(PciDeviceRow.address)).all()
     return {r.address: r for r in rows}
 
 
@@ -70,8 +73,8 @@ def _load(session: Session, host: str):  # noqa: ANN202
 
 
 def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
-    """``_load`` for many hosts in two statements; rows are locked in (host, address) order, as
-    everywhere else, so two workers never wait for each other in a cycle."""
+    """``_load`` for many hosts in two statements; their inventory rows are locked in host order,
+    as everywhere else, so two workers never wait for each other in a cycle."""
     hosts = sorted(set(hosts))
     inventories = {r.host: r for r in session.scalars(
         select(HostInventoryRow).where(among(session, HostInventoryRow.host, hosts)).order_by(HostInventoryRow.host)
@@ -79,7 +82,7 @@ def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
     devices: dict[str, DeviceStates] = {}
     for host, address, status, owner in session.execute(
             select(*STATE_COLUMNS).where(among(session, PciDeviceRow.host, inventories))
-            .order_by(PciDeviceRow.host, PciDeviceRow.address).with_for_update()):
+            .order_by(PciDeviceRow.host, PciDeviceRow.address)):
         devices.setdefault(host, {})[address] = (status, owner)
     loaded: dict[str, tuple] = {}
     for host in hosts:
@@ -162,7 +165,7 @@ def store_inventory(session: Session, payload) -> None:  # noqa: ANN001 - PciInv
     host = payload.host
     reported = HostPciInventory.model_validate(payload.model_dump(exclude={"host"}))
     inventory_row = lock_inventory_row(session, host)
-    rows = lock_host_devices(session, host)
+    rows = host_devices(session, host)
     old = stored_inventory(inventory_row)[0] if inventory_row.inventory else None
     reported_tracked = PciTracker.from_inventory(reported).tracked()
     kept: dict[str, PciDevice] = {}

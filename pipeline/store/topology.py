@@ -1,5 +1,6 @@
 """Networks, agents and ports as the stages read them."""
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -108,7 +109,22 @@ def save_dynamic_segments(session: Session, network_id: str, segments: list[dict
                                    segmentation_id=seg["segmentation_id"]))
 
 
-def port_from_row(row: PortRow) -> Port:
+@dataclass
+class NewPort:
+    """A port created by the batch in hand, read and changed like a ``PortRow`` until
+    ``insert_ports`` writes it: a plain record, because building an ORM object and setting its
+    instrumented attributes cost validate ~25 µs a port (measured)."""
+
+    id: str
+    network_id: str | None
+    host: str
+    vnic_type: str
+    profile: dict[str, Any]
+    body: dict[str, Any]
+    revision: int = 0
+
+
+def port_from_row(row: PortRow | NewPort) -> Port:
     return Port.model_validate({**row.body, "id": row.id, "network_id": row.network_id, "host": row.host,
                                 "vnic_type": row.vnic_type, "profile": row.profile})
 
@@ -126,24 +142,23 @@ def lock_port_revisions(session: Session, port_ids: list[str]) -> dict[str, int]
                                 .order_by(PortRow.id).with_for_update()).all())
 
 
-def store_port(row: PortRow | None, port: Port) -> tuple[PortRow, bool]:
+def store_port(row: PortRow | NewPort | None, port: Port) -> tuple[PortRow | NewPort, bool]:
     """Create or replace a port's stored object; also says whether its binding inputs changed. A
-    new row is not added to any session: ``insert_ports`` writes a batch's new ports at once."""
+    new port is a ``NewPort``: ``insert_ports`` writes a batch's new ports at once."""
     body = port.model_dump(mode="json", exclude={"id", "network_id", "host", "vnic_type", "profile"})
     profile = port.profile if isinstance(port.profile, dict) else {}
     vnic_type = port.vnic_type if isinstance(port.vnic_type, str) else "normal"
     if row is None:
-        return PortRow(id=port.id, network_id=port.network_id, host=port.host, vnic_type=vnic_type,
-                       profile=profile, body=body, revision=0), True
+        return NewPort(port.id, port.network_id, port.host, vnic_type, profile, body), True
     changed = (row.host, row.vnic_type, row.profile) != (port.host, vnic_type, profile)
     row.network_id, row.host, row.vnic_type, row.profile, row.body = (
         port.network_id or row.network_id, port.host, vnic_type, profile, body)
     return row, changed
 
 
-def insert_ports(session: Session, rows: list[PortRow]) -> None:
-    """New ports (rows made by ``store_port``, in no session): one statement for them all,
-    without the ORM's unit of work (measured: a fifth of validate's time went to it)."""
+def insert_ports(session: Session, rows: list[NewPort]) -> None:
+    """New ports: one statement for them all, without the ORM's unit of work (measured: a fifth of
+    validate's time went to it)."""
     if rows:
         now = datetime.now(UTC)
         insert_rows(session, PortRow.__table__, [

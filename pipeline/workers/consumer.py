@@ -73,6 +73,8 @@ class Worker(ConsumerProducerMixin):
         self.flushing = False
         self.unsettled: set[int] = set()  # delivery tags of this channel not acked or rejected yet
         self.handled = 0
+        self.paced_gc = False  # collect between batches (``tune_gc``)
+        self.batches = 0
         self._publisher: BatchPublisher | None = None
         self._gauges_at = 0.0
         self.periodic: list[Callable[[], None]] = []  # run on every loop turn (the relay in `bindpipe run`)
@@ -170,6 +172,7 @@ class Worker(ConsumerProducerMixin):
     # --- running ---
     def run_forever(self) -> None:
         tune_gc()
+        self.paced_gc = True  # this process is the worker's alone (not so in ``running_in_thread``)
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("worker started", stages=list(self.buffers), broker=self.connection.as_uri())
@@ -217,6 +220,10 @@ class Worker(ConsumerProducerMixin):
         finally:
             self.flushing = False
             clear_event_context()  # the next lines are about no event in particular
+        if self.paced_gc:
+            del items  # the batch is garbage now: the collection has little left to walk
+            self.batches += 1
+            collect_after_batch(self.batches)
 
     def handle_batch(self, handler: StageHandler, items: list[tuple[Message, Any]]) -> None:
         if not items:
@@ -366,12 +373,23 @@ class Worker(ConsumerProducerMixin):
         metrics.STAGE_MESSAGES.labels(stage=stage, outcome="dead_lettered").inc()
 
 
+GC_SAFETY_NET = 200_000  # young objects before an automatic collection: far more than a batch keeps
+FULL_GC_EVERY = 1000  # batches between full collections
+
+
 def tune_gc() -> None:
-    """A worker allocates many short-lived objects per batch (rows, models, dicts): move what
-    start-up built out of the collector's sight and collect the young generation less often.
-    Measured in-process: ~15% less CPU per binding."""
+    """A batch keeps its thousands of objects (models, rows, dicts) alive until it ends, and an
+    automatic collection in its middle walks them all: the young generation's threshold of 700,
+    then 50,000, still cost decoding a hand-off 10 -> 17 µs a job (measured). What start-up built
+    is moved out of the collector's sight; automatic collection is only a safety net, and a worker
+    collects between batches (``collect_after_batch``), when a batch's objects are garbage already."""
     gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    gc.set_threshold(GC_SAFETY_NET, 20, 20)
+
+
+def collect_after_batch(batches: int) -> None:
+    """The young generation after every batch (what it left is little); everything now and then."""
+    gc.collect(2 if batches % FULL_GC_EVERY == 0 else 0)
 
 
 def mark_published(engine: Engine, seqs: list[int]) -> None:

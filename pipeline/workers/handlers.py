@@ -136,14 +136,14 @@ class ValidateHandler(StageHandler):
         port_ids = sorted({p.get("id") or p.get("port_id") for e in items if e.event_type.startswith(("port.", "binding."))
                            for p in [e.payload]} - {None})
         locked = topo.lock_ports(session, port_ids)
-        self.ports: dict[str, PortRow | None] = {port_id: locked.get(port_id) for port_id in port_ids}
+        self.ports: dict[str, PortRow | topo.NewPort | None] = {port_id: locked.get(port_id) for port_id in port_ids}
         self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, port_ids)}
-        self.new_ports: dict[str, PortRow] = {}  # ports created by this batch, inserted by ``finish``
+        self.new_ports: dict[str, topo.NewPort] = {}  # ports created by this batch, inserted by ``finish``
 
     def finish(self, session: Session) -> None:
         topo.insert_ports(session, list(self.new_ports.values()))
 
-    def port_row(self, session: Session, port_id: str) -> PortRow | None:
+    def port_row(self, session: Session, port_id: str) -> PortRow | topo.NewPort | None:
         if port_id not in self.ports:
             self.ports[port_id] = topo.lock_ports(session, [port_id]).get(port_id)
         return self.ports[port_id]
@@ -186,7 +186,7 @@ class ValidateHandler(StageHandler):
                 self.ports[payload.id] = None
         return [hand_on(job, "select") for job in jobs]
 
-    def job(self, env: Envelope, row: PortRow, action: str, **fields: Any) -> BindingJob:
+    def job(self, env: Envelope, row: PortRow | topo.NewPort, action: str, **fields: Any) -> BindingJob:
         return BindingJob(job_id=f"{env.event_id}:{row.id}", event_id=str(env.event_id),
                           occurred_at=env.occurred_at, port_id=row.id, revision=row.revision, action=action,
                           context=env.context, **fields)
