@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from pipeline.models.tables import Base
 
@@ -143,14 +143,18 @@ def _json_insert(table: Table, columns: tuple[str, ...], on_conflict: str | None
 
 
 def run_transaction(engine: Engine, work: Callable[[Session], T], max_seconds: float = 20.0) -> T:
-    """Run ``work(session)`` in one transaction, retrying the whole of it on transient errors."""
+    """Run ``work(session)`` in one transaction, retrying the whole of it on transient errors.
 
-    @retry(retry=retry_if_exception(is_transient), stop=stop_after_delay(max_seconds),
-           wait=wait_exponential_jitter(multiplier=0.05, max=2.0), reraise=True,
-           before_sleep=lambda state: log.warning("transaction retry", attempt=state.attempt_number,
-                                                  error=str(state.outcome.exception())[:200]))
-    def attempt() -> T:
-        with Session(engine, expire_on_commit=False) as session, session.begin():
-            return work(session)
+    Tenacity's iterator form, not its decorator: a decorated function made per call is a reference
+    cycle (the wrapper and its ``Retrying``) that held ``work`` and with it the whole batch, which
+    then waited for the garbage collector instead of being freed as the call returned."""
+    for attempt in Retrying(retry=retry_if_exception(is_transient), stop=stop_after_delay(max_seconds),
+                            wait=wait_exponential_jitter(multiplier=0.05, max=2.0), reraise=True,
+                            before_sleep=_log_retry):
+        with attempt, Session(engine, expire_on_commit=False) as session, session.begin():
+            outcome = work(session)
+    return outcome
 
-    return attempt()
+
+def _log_retry(state: RetryCallState) -> None:
+    log.warning("transaction retry", attempt=state.attempt_number, error=str(state.outcome.exception())[:200])
