@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from pipeline.models import vocabulary as v
 from pipeline.models.pci import HostPciInventory, PciDevice
 from pipeline.stages.pci_devspec import FUNCTION_TYPES, DeviceSpec, PciConfigError
-from pipeline.stages.pci_pools import NovaPciRequest, Pool, filter_pools, group_pools, pool_props
+from pipeline.stages.pci_pools import NovaPciRequest, Pool, filter_pools, group_pools, pool_key, pool_props
 
 __all__ = ["AllocationOutcome", "PciConfigError", "PciTracker", "ReleaseOutcome", "build_pci_request",
            "invariant_violations"]
@@ -67,6 +67,7 @@ class PciRequestLike(Protocol):
 class TrackedDevice:
     device: PciDevice
     pool_props: dict[str, Any]
+    pool_key: tuple  # pool_key(pool_props)
     parent: str | None = None
     children: tuple[str, ...] = ()
 
@@ -131,7 +132,8 @@ class PciTracker:
         for device in inventory.devices:
             entry = self.spec.match(device)
             if entry is not None:
-                tracked[device.address] = TrackedDevice(device, pool_props(device, entry.tags()))
+                props = pool_props(device, entry.tags())
+                tracked[device.address] = TrackedDevice(device, props, pool_key(props))
         self._devices = self._link(tracked)
         self._status = dict.fromkeys(self._devices, v.PCI_AVAILABLE)
         self._owner: dict[str, str] = {}
@@ -205,7 +207,7 @@ class PciTracker:
         return {a: (s, self._owner.get(a)) for a, s in self._status.items()}
 
     def _pools(self, idle: bool = False) -> list[Pool]:
-        return group_pools((a, t.pool_props) for a, t in self._devices.items()
+        return group_pools((a, t.pool_key, t.pool_props) for a, t in self._devices.items()
                            if idle or self._status[a] == v.PCI_AVAILABLE)
 
     def pools(self) -> list[dict[str, Any]]:
