@@ -117,7 +117,7 @@ class BindingClient:
 
     def publish_envelopes(self, envelopes: list[Envelope]) -> None:
         """Publish many events with one wait for the broker's confirms."""
-        self.publisher.publish((EVENTS.name, e.event_type, e.model_dump(mode="json")) for e in envelopes)
+        self.publisher.publish((EVENTS.name, e.event_type, e.model_dump_json().encode()) for e in envelopes)
 
     @contextmanager
     def results_for(self, host: str) -> Iterator[ResultStream]:

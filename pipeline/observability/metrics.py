@@ -82,8 +82,8 @@ STAGE_DURATION = Histogram(
     "bindpipe_stage_duration_seconds", "Time a stage spends handling one message.", ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 BATCH_SIZE = Histogram(
-    "bindpipe_batch_size", "Deliveries handled in one stage transaction.", ["stage"],
-    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500))
+    "bindpipe_batch_size", "Events or jobs handled in one stage transaction.", ["stage"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000))
 END_TO_END_LATENCY = Histogram(
     "bindpipe_end_to_end_latency_seconds", "From an event's occurred_at to its result being published.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0))
