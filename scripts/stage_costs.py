@@ -1,6 +1,6 @@
 """What each stage costs in-process: the four stage handlers, no broker, on PostgreSQL or SQLite.
 
-    .venv/bin/python scripts/stage_costs.py [--ports 2000] [--batch 200] [--sqlite] [--profile STAGE]
+    .venv/bin/python scripts/stage_costs.py [--ports 2000] [--batch 1000] [--sqlite] [--profile STAGE]
 
 The benchmark's topology and port mix (``scripts/benchmark.py``) are fed through validate, select,
 allocate and compose in turn, a batch at a time in one transaction each, with the hand-offs
@@ -58,7 +58,8 @@ def run_stage(engine, handler, bodies: list[bytes], per_batch: int) -> tuple[lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ports", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=200, help="jobs per transaction")
+    parser.add_argument("--batch", type=int, default=Settings.model_fields["batch_size"].default,
+                        help="jobs per transaction (default: the workers')")
     parser.add_argument("--sqlite", action="store_true", help="the embedded database instead of PostgreSQL")
     parser.add_argument("--profile", choices=STAGES, help="print a cProfile of this stage")
     args = parser.parse_args()

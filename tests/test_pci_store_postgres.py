@@ -24,7 +24,7 @@ from pipeline.models.events import PciInventoryPayload
 from pipeline.models.pci import HostPciInventory
 from pipeline.stages.allocation import allocate_device
 from pipeline.stages.pci_accounting import PciTracker, invariant_violations
-from pipeline.store.pci import allocate, release_port, store_inventory, tracker_for
+from pipeline.store.pci import HostCache, PciStateConflict, allocate, release_port, store_inventory, tracker_for
 from tests.factories import sriov_binding
 
 pytestmark = pytest.mark.services
@@ -273,6 +273,27 @@ def test_postgres_exclusion_also_refuses_an_inserted_vf_beside_an_owned_pf(pg_en
             "INSERT INTO pci_devices (host, address, vendor_id, product_id, dev_type, parent_addr, pf_group, "
             "is_pf, inventory, status, owner_port_id, updated_at) VALUES (:h, '0000:81:10.5', '8086', '154c', "
             "'type-VF', '0000:81:00.0', '0000:81:00.0', 0, '{}', 'allocated', 'port-vf', now())"), {"h": HOST})
+
+
+def test_a_device_row_changed_behind_the_hosts_lock_is_not_overwritten(pg_engine: Engine):
+    """Device rows are read, not locked, under their host's inventory row lock; the write-back
+    still writes a row only if it holds the state that was loaded, so a writer that skipped the
+    lock makes the transaction fail instead of a device going to two ports."""
+    load(pg_engine, ONE_PF_THREE_VFS)
+    request, selection, network = sriov_binding("port-late")
+    vf0 = "0000:81:10.0"
+
+    def allocate_after_a_rogue_write(session):  # noqa: ANN001, ANN202
+        cache = HostCache(session)
+        cache.lock({HOST})  # loaded: every device available
+        raw_update(pg_engine, vf0, "port-rogue")  # another connection, without the lock
+        assert allocate(session, request, selection, network, cache).device.address == vf0
+        cache.flush()
+
+    with pytest.raises(PciStateConflict, match="1 of 1 PCI device rows changed under their host's lock"):
+        run_transaction(pg_engine, allocate_after_a_rogue_write)
+    assert db_state(pg_engine)[vf0] == (v.PCI_ALLOCATED, "port-rogue")
+    assert [owner for _, owner in db_state(pg_engine).values() if owner] == ["port-rogue"]
 
 
 # --- 4. a rolled-back allocation leaks nothing ---------------------------------------------------

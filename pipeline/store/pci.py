@@ -23,7 +23,7 @@ import functools
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from pipeline.db import among, insert_rows
@@ -114,18 +114,45 @@ def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, DeviceS
     return tracker, rows
 
 
+class PciStateConflict(Exception):
+    """A device's stored state was not the one loaded under its host's lock: some writer did not
+    take the lock. Raised rather than overwriting it (an overwrite could hand a device to two ports)."""
+
+
 def write_back(session: Session, hosts: list[tuple[str, PciTracker, DeviceStates]]) -> None:
     """Persist changed statuses and owners (``hosts``: name, tracker, the states as loaded). Owners
-    are cleared before new ones are set, so the PF/VF constraint never sees a transient overlap."""
-    changes = [{"h": host, "a": address, "s": status, "o": owner}
+    are cleared before new ones are set, so the PF/VF constraint never sees a transient overlap.
+    Each row is written only if it still holds the state it was loaded with (``PciStateConflict``
+    otherwise). On PostgreSQL each step is one statement over a JSON recordset (one UPDATE per
+    device was ~10 µs of PostgreSQL a binding)."""
+    changes = [{"h": host, "a": address, "s": status, "o": owner, "old_s": rows[address][0], "old_o": rows[address][1]}
                for host, tracker, rows in hosts for address, (status, owner) in tracker.snapshot().items()
                if address in rows and rows[address] != (status, owner)]
-    table = PciDeviceRow.__table__
-    update_device = (update(table).where(table.c.host == bindparam("h"), table.c.address == bindparam("a"))
-                     .values(status=bindparam("s"), owner_port_id=bindparam("o")))
     for step in ([c for c in changes if c["o"] is None], [c for c in changes if c["o"] is not None]):
         if step:
-            session.execute(update_device, step)
+            written = _update_devices(session, step)
+            if written != len(step):
+                raise PciStateConflict(f"{len(step) - written} of {len(step)} PCI device rows changed under "
+                                       f"their host's lock (hosts {sorted({c['h'] for c in step})})")
+
+
+_PG_UPDATE_DEVICES = text(
+    "UPDATE pci_devices AS d SET status = c.s, owner_port_id = c.o, updated_at = :now "
+    "FROM json_to_recordset(CAST(:rows AS json)) AS c(h varchar, a varchar, s varchar, o varchar, "
+    "old_s varchar, old_o varchar) "
+    "WHERE d.host = c.h AND d.address = c.a AND d.status = c.old_s AND d.owner_port_id IS NOT DISTINCT FROM c.old_o")
+
+
+def _update_devices(session: Session, changes: list[dict[str, Any]]) -> int:
+    """Apply ``changes`` (host, address, new and loaded state); how many rows were written."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.execute(_PG_UPDATE_DEVICES, {"rows": orjson.dumps(changes).decode(), "now": utcnow()}).rowcount
+    table = PciDeviceRow.__table__
+    statement = (update(table).where(table.c.host == bindparam("h"), table.c.address == bindparam("a"),
+                                     table.c.status == bindparam("old_s"),
+                                     table.c.owner_port_id.is_not_distinct_from(bindparam("old_o")))
+                 .values(status=bindparam("s"), owner_port_id=bindparam("o")))
+    return sum(session.execute(statement, [change]).rowcount for change in changes)
 
 
 def lock_inventory_row(session: Session, host: str) -> HostInventoryRow:
