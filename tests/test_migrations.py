@@ -31,7 +31,7 @@ from tests.services import fresh_database
 
 pytestmark = pytest.mark.services
 
-HEAD = "0004"
+HEAD = "0005"
 PF, VF0, VF1 = "0000:81:00.0", "0000:81:10.0", "0000:81:10.1"
 
 
@@ -206,6 +206,23 @@ def test_0004_indexes_failed_bindings_by_host_and_a_revival_reads_only_them(pg_u
             plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + sql, parameters).scalars())
     assert "ix_bindings_failed_by_host" in plan, plan
     assert migrate.downgrade(pg_url, "0003") == "0003"
+
+
+def test_0005_drops_the_indexes_no_query_reads_and_its_downgrade_restores_them(pg_url: str, engine_of):
+    engine = engine_of(pg_url)
+    dropped = {("results", "ix_results_event_id"), ("ports", "ix_ports_network_id"), ("ports", "ix_ports_host")}
+
+    def indexes() -> set[tuple[str, str]]:
+        inspector = inspect(engine)
+        return {(table, ix["name"]) for table in ("results", "ports") for ix in inspector.get_indexes(table)}
+
+    assert migrate.upgrade(pg_url, "0004") == "0004"
+    assert dropped <= indexes()
+    assert migrate.upgrade(pg_url) == HEAD
+    after = indexes()
+    assert not dropped & after and ("results", "ix_results_port_id") in after  # the others stay
+    assert migrate.downgrade(pg_url, "0004") == "0004"
+    assert dropped <= indexes()
 
 
 def test_the_migrated_exclusion_constraint_exists_and_refuses_a_pf_beside_its_vf(pg_url: str, engine_of):

@@ -102,8 +102,8 @@ class PortRow(Base):
     __tablename__ = "ports"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    network_id: Mapped[str] = mapped_column(String(64), index=True)
-    host: Mapped[str] = mapped_column(String(255), default="", index=True)
+    network_id: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255), default="")
     vnic_type: Mapped[str] = mapped_column(String(32), default="normal")
     profile: Mapped[dict[str, Any]] = mapped_column(default=dict)
     body: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -184,7 +184,7 @@ class ResultRow(Base):
 
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                      autoincrement=True)
-    event_id: Mapped[str] = mapped_column(String(36), index=True)
+    event_id: Mapped[str] = mapped_column(String(36))  # not indexed: no query looks results up by it
     port_id: Mapped[str] = mapped_column(String(64), index=True)
     host: Mapped[str] = mapped_column(String(255), index=True)
     body: Mapped[dict[str, Any]]
