@@ -4,6 +4,7 @@ Payloads reuse the dry-run scenario objects, so a scenario can be replayed as ev
 """
 
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
@@ -76,6 +77,11 @@ class Envelope(BaseModel):
     payload: dict[str, Any]
     _raw: bytes | str | None = PrivateAttr(default=None)  # the JSON it was decoded from, if it was
     _typed: BaseModel | None = PrivateAttr(default=None)  # the payload as validated
+
+    @cached_property
+    def key(self) -> str:
+        """``event_id`` as text: the event's key in the log, the marks, the jobs and the log lines."""
+        return str(self.event_id)
 
     def as_received(self) -> Any:
         """The envelope for the event log: the JSON as it arrived (orjson writes it unchanged), else

@@ -83,6 +83,8 @@ def _profile_dict(profile: Any) -> dict[str, Any]:
         return {}
     if not isinstance(profile, dict):
         raise InvalidInput("binding:profile", f"'{profile}' is not a dictionary")
+    if not profile:
+        return profile
     try:
         size = len(json.dumps(profile))
     except (TypeError, ValueError, RecursionError) as exc:

@@ -19,7 +19,7 @@ def record_events(session: Session, envelopes: list[Envelope]) -> None:
         return
     now = utcnow()
     insert_rows(session, EventLog.__table__, [
-        {"event_id": str(e.event_id), "event_type": e.event_type, "occurred_at": e.occurred_at, "received_at": now,
+        {"event_id": e.key, "event_type": e.event_type, "occurred_at": e.occurred_at, "received_at": now,
          "envelope": e.as_received()} for e in envelopes], on_conflict="nothing")
 
 

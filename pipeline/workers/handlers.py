@@ -129,10 +129,10 @@ class ValidateHandler(StageHandler):
         return [decode_envelope(body, self.settings.max_body_bytes)]
 
     def key(self, item: Envelope) -> str:
-        return str(item.event_id)
+        return item.key
 
     def log_context(self, item: Envelope) -> dict[str, Any]:
-        return {"event_id": str(item.event_id), "event_type": item.event_type}
+        return {"event_id": item.key, "event_type": item.event_type}
 
     def prepare(self, session: Session, items: list[Envelope]) -> None:
         record_events(session, items)
@@ -171,7 +171,7 @@ class ValidateHandler(StageHandler):
             row = self.port_row(session, payload.port_id)
             if row is None:
                 raise PoisonMessage("bad_schema", f"binding.request for unknown port {payload.port_id}",
-                                    str(env.event_id), payload.port_id, payload.host)
+                                    env.key, payload.port_id, payload.host)
             port = topo.port_from_row(row).model_copy(update={"host": payload.host})
             if payload.vnic_type is not None:
                 port.vnic_type = payload.vnic_type
@@ -190,7 +190,7 @@ class ValidateHandler(StageHandler):
         return [hand_on(job, "select") for job in jobs]
 
     def job(self, env: Envelope, row: PortRow | topo.NewPort, action: str, **fields: Any) -> BindingJob:
-        return BindingJob(job_id=f"{env.event_id}:{row.id}", event_id=str(env.event_id),
+        return BindingJob(job_id=f"{env.key}:{row.id}", event_id=env.key,
                           occurred_at=env.occurred_at, port_id=row.id, revision=row.revision, action=action,
                           context=env.context, **fields)
 
