@@ -6,7 +6,7 @@ The benchmark's topology and port mix (``scripts/benchmark.py``) are fed through
 allocate and compose in turn, a batch at a time in one transaction each, with the hand-offs
 encoded and decoded between the stages as the workers do (``HANDOFF_JOBS`` jobs a message).
 Prints µs per job of each stage (wall time, so the database's own time counts), with the GC
-tuned and paced as in a worker. ``--profile``
+tuned as in a worker. ``--profile``
 prints a cProfile of one stage. This is the figure ``benchmarks/RESULTS.md`` gives per change:
 cheap to run, free of the broker, and steadier than the whole pipeline's rate.
 
@@ -33,7 +33,7 @@ from benchmark import ports, topology  # noqa: E402
 from pipeline.client import BindingClient  # noqa: E402
 from pipeline.db import create_schema, make_engine, run_transaction  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.workers.consumer import collect_after_batch, tune_gc  # noqa: E402
+from pipeline.workers.consumer import tune_gc  # noqa: E402
 from pipeline.workers.handlers import HANDLERS  # noqa: E402
 from pipeline.workers.messages import HANDOFF_JOBS, handoff_messages  # noqa: E402
 from pipeline.workers.topology import STAGE_EXCHANGE, STAGES  # noqa: E402
@@ -49,8 +49,6 @@ def run_stage(engine, handler, bodies: list[bytes], per_batch: int) -> tuple[lis
         items = [item for body in bodies[first:first + per_batch] for item in handler.decode(body, {})]
         outputs = run_transaction(engine, lambda session, i=items: handler.handle(session, i))
         out += [body for exchange, _, body in handoff_messages(outputs) if exchange == STAGE_EXCHANGE.name]
-        del items, outputs
-        collect_after_batch(first // per_batch + 1)  # as a worker does between batches
         seconds += time.perf_counter() - started
     return out, seconds
 
