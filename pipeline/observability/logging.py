@@ -43,6 +43,7 @@ _SECRET_KEY = re.compile(r"pass(word|wd)|secret|token|signature|credential|autho
                          re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]+@")
 _DSN_PASSWORD = re.compile(r"(?P<head>\bpass(word|wd)\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+_MAY_HOLD_PASSWORD = re.compile(r"://|pass", re.IGNORECASE)  # what either pattern above needs
 
 _HANDLER_NAME = "bindpipe"
 
@@ -59,6 +60,8 @@ def _is_secret_name(name: str) -> bool:
 
 def redact_text(text: str) -> str:
     """Mask URL and libpq passwords inside ``text``."""
+    if not _MAY_HOLD_PASSWORD.search(text):
+        return text
     if "://" in text:
         text = _URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
     if "pass" in text.lower():
@@ -79,11 +82,18 @@ def _redact(value: Any, depth: int = 0) -> Any:
 
 
 def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    """structlog processor: see the module docstring for what is masked."""
-    for key, value in list(event_dict.items()):
+    """structlog processor: see the module docstring for what is masked. Values that cannot hold
+    a secret (most of a line: ids, numbers, None) are left as they are without a call each."""
+    for key, value in event_dict.items():
         if key.startswith("_"):  # ProcessorFormatter's _record / _from_structlog
             continue
-        event_dict[key] = REDACTED if is_secret_key(key) else _redact(value)
+        if is_secret_key(key):
+            event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            if _MAY_HOLD_PASSWORD.search(value):
+                event_dict[key] = redact_text(value)
+        elif isinstance(value, (dict, list, tuple)):
+            event_dict[key] = _redact(value)
     return event_dict
 
 
