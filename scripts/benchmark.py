@@ -1,7 +1,7 @@
 """Throughput of the whole pipeline on the real RabbitMQ and PostgreSQL, batched vs per-message.
 
     .venv/bin/python scripts/benchmark.py [--ports 3000] [--modes batched,per-message] [--rounds 1]
-                                          [--warmup 1000] [--baseline DIR]   # DIR: another commit
+                                          [--warmup 1000] [--baseline DIR [--baseline-settings batch-200]]
 
 For each mode, in a fresh vhost and database: one ``bindpipe worker STAGE`` process per stage is
 started and the topology loaded; once every worker is consuming, ``--warmup`` ports are bound and
@@ -239,6 +239,8 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run mode 'baseline': batched, with the workers' code taken from DIR (a checkout "
                              "of another commit), to compare code side by side")
+    parser.add_argument("--baseline-settings", choices=["batched", "batch-200"], default="batched",
+                        help="the batching the baseline runs with (default: batched's, to compare code alone)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1000, help="ports bound before the clock starts")
     parser.add_argument("--hosts", type=int, default=50)
@@ -248,7 +250,7 @@ def main() -> None:
     args.sriov_hosts = args.sriov_hosts or max(20, -(-(args.ports + args.warmup) // 5 // 32))
     modes = args.modes.split(",")
     if args.baseline:
-        MODES["baseline"] = {**MODES["batched"], "PYTHONPATH": str(Path(args.baseline).resolve())}
+        MODES["baseline"] = {**MODES[args.baseline_settings], "PYTHONPATH": str(Path(args.baseline).resolve())}
         modes.append("baseline")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for round_number in range(args.rounds):
