@@ -90,8 +90,7 @@ def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) ->
         if is_secret_key(key):
             event_dict[key] = REDACTED
         elif isinstance(value, str):
-            if _MAY_HOLD_PASSWORD.search(value):
-                event_dict[key] = redact_text(value)
+            event_dict[key] = redact_text(value)
         elif isinstance(value, (dict, list, tuple)):
             event_dict[key] = _redact(value)
     return event_dict
