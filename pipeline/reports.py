@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.db import make_engine
 from pipeline.models import vocabulary as v
-from pipeline.models.binding import AllocationDecision, BindingResult, Decline, SelectionOutcome
+from pipeline.models.binding import BindingResult, Decline
 from pipeline.models.jobs import BindingJob
 from pipeline.models.reasons import failure_reason_category, primary_decline
 from pipeline.models.tables import (
@@ -81,24 +81,6 @@ def _job_in(output: list[dict[str, Any]] | None, job_id: str) -> BindingJob | No
     return None
 
 
-def _selected_from_result(job: BindingJob | None, results: list[ResultRow]) -> BindingJob | None:
-    """``job`` (as validate handed it on) with its selection read back from its result, for a job
-    that allocate kept no mark of (Nova would make no PCI request for it): the result holds the
-    selection's outcome, and allocate's decision was that no device was needed."""
-    if job is None or job.action != "bind" or job.error is not None or job.port is None:
-        return job
-    row = next((r for r in reversed(results) if r.host == job.port.host), None)
-    if row is None:
-        return job
-    result = BindingResult.model_validate(row.body)
-    if result.error is not None:  # select refused the job: no selection
-        return job
-    selection = SelectionOutcome(vif_type=result.vif_type or v.VIF_TYPE_BINDING_FAILED, status=result.port_status,
-                                 levels=result.binding_levels, declines=result.explanation,
-                                 driver_errors=result.driver_errors)
-    return job.model_copy(update={"selection": selection, "allocation": AllocationDecision.none_needed()})
-
-
 def _result(row: ResultRow) -> dict[str, Any]:
     body = BindingResult.model_validate(row.body)
     return {"seq": row.seq, "host": row.host, "vif_type": body.vif_type, "outcome": body.outcome,
@@ -144,9 +126,9 @@ def _verdict(job: BindingJob | None, reached: list[str], outputs: dict[str, Any]
                               "deleted the port")
     if last == "compose":
         return "unknown", "compose handed on results that the results table does not hold"
-    if last == "validate":  # select, and allocate for a job without a device, keep no marks
-        return "in_progress", ("handled up to validate; waiting in queue binding.select, binding.allocate or "
-                               "binding.compose (are their workers running?)")
+    if last == "validate":  # select keeps no marks: the job waits for select, or for allocate after it
+        return "in_progress", ("handled up to validate; waiting in queue binding.select or binding.allocate "
+                               "(are their workers running?)")
     waiting = STAGES[STAGES.index(last) + 1]
     return "in_progress", f"handled up to {last}; waiting in queue binding.{waiting} (is its worker running?)"
 
@@ -155,14 +137,11 @@ def _attempt(data: dict[str, Any], port_id: str, event_id: str) -> dict[str, Any
     marks, events = data["marks"], data["events"]
     job_id = f"{event_id}:{port_id}"
     outputs = {stage: marks.get((event_id if stage == "validate" else job_id, stage)) for stage in STAGES}
-    # a stage before the last marked one was passed: select keeps no marks, nor does allocate for
-    # a job without a device
-    last_marked = max((i for i, stage in enumerate(STAGES) if outputs[stage] is not None), default=-1)
-    reached = list(STAGES[:last_marked + 1])
+    reached = [stage for stage in STAGES if outputs[stage] is not None
+               or stage == "select" and outputs["allocate"] is not None]  # select keeps no marks
     validated = _job_in(outputs["validate"], job_id)
+    job = _job_in(outputs["allocate"], job_id) or _job_in(outputs["select"], job_id) or validated
     results = [r for r in data["results"] if r.event_id == event_id]
-    job = (_job_in(outputs["allocate"], job_id) or _job_in(outputs["select"], job_id)
-           or _selected_from_result(validated, results))
     dead = [d for d in data["dead"] if d.event_id == event_id]
     event = events.get(event_id)
     outcome, reason = _verdict(job, reached, outputs, event.event_type if event else None, results, dead)

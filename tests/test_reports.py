@@ -228,8 +228,8 @@ def test_superseded_in_progress_and_unchanged_events_are_told_apart(pipeline):
                                until="select")
     in_flight = pipeline.explain("q")
     assert in_flight["summary"]["outcome"] == "in_progress"
-    assert in_flight["summary"]["reason"].startswith(  # select, and allocate without a device, keep no marks
-        "handled up to validate; waiting in queue binding.select, binding.allocate or binding.compose")
+    assert in_flight["summary"]["reason"].startswith(  # select keeps no marks
+        "handled up to validate; waiting in queue binding.select or binding.allocate")
 
     b, _ = pipeline.send("port.update", ovs_port("q", profile={"note": "b"}), T0 + timedelta(seconds=3))
     assert pipeline.run(pending, "allocate") == []  # A's job is stale now: dropped, not applied

@@ -103,11 +103,6 @@ class AllocationDecision(BaseModel):
     error: str | None = None
     reason: str | None = None
 
-    @classmethod
-    def none_needed(cls) -> "AllocationDecision":
-        """The decision for a binding Nova builds no PCI request for."""
-        return cls(reason="no PCI request for this binding")
-
 
 class BindingResult(BaseModel):
     """One binding outcome. The first keys are exactly the dry-run contract's."""

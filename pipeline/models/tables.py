@@ -51,8 +51,7 @@ class StageMark(Base):
     """Proof that ``stage`` handled a job (or an event), written in the same transaction as its
     effect, with what it handed on: a redelivery re-publishes ``output`` instead of redoing it.
     Compose keeps only its results' seqs (the results table holds them); select, which has no
-    effect, keeps a mark only for a job it dead-lettered, and allocate only for a job that met the
-    PCI devices or was stale."""
+    effect, keeps a mark only for a job it dead-lettered."""
 
     __tablename__ = "stage_marks"
 

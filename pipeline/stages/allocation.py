@@ -42,7 +42,7 @@ def allocate_device(request: ValidatedRequest, selection: SelectionOutcome, netw
     """Claim and allocate the port's device on ``tracker`` (mutated only on success)."""
     pci_request = pci_request_for(request, selection, network)
     if pci_request is None:
-        return AllocationDecision.none_needed()
+        return AllocationDecision(reason="no PCI request for this binding")
     slot = request.profile.get(v.PROFILE_PCI_SLOT)
     if tracker is None:
         return AllocationDecision(reason=f"host {request.port.host!r} reports no PCI inventory; "

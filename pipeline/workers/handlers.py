@@ -47,6 +47,7 @@ def hand_on(job: BindingJob, stage: str) -> Publish:
 
 class StageHandler:
     stage = ""
+    marks_handled = True  # False: a stage that changes nothing keeps no marks (see SelectHandler)
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -83,13 +84,9 @@ class StageHandler:
                 produced[key] = self.handle_one(session, item)
                 out += produced[key]
         self.finish(session)
-        add_marks(session, self.stage, {key: self.mark_output(ps) for key, ps in produced.items()
-                                        if self.keeps_mark(fresh[key], ps)})
+        if self.marks_handled:
+            add_marks(session, self.stage, {key: self.mark_output(ps) for key, ps in produced.items()})
         return out
-
-    def keeps_mark(self, item: Any, produced: list[Publish]) -> bool:
-        """Whether handling ``item`` needs a mark: it does when it had an effect to not repeat."""
-        return True
 
     def mark_output(self, produced: list[Publish]) -> list[Any]:
         """What the mark keeps of a job's output: enough for ``redelivered`` to send it again."""
@@ -237,13 +234,11 @@ class SelectHandler(StageHandler):
     """Stage 2 over the stored topology, with agent liveness judged at the event's time.
 
     It changes nothing, so it marks nothing (the mark and its copy of the job were its largest
-    cost): a redelivered job is selected again, and the copies meet at compose, whose mark lets
+    cost): a redelivered job is selected again, and the copies meet at allocate, whose mark lets
     one through. Only a job dead-lettered here gets a mark, so a redelivery skips it."""
 
     stage = "select"
-
-    def keeps_mark(self, item: BindingJob, produced: list[Publish]) -> bool:
-        return False
+    marks_handled = False
 
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
         ports = [j.port for j in items if j.port is not None]
@@ -308,15 +303,6 @@ class AllocateHandler(PortLockingHandler):
         self.hosts = pci_store.HostCache(session)
         self.hosts.lock({j.port.host for j in items if j.port is not None and j.selection is not None
                          and j.selection.bound and validated(j).vnic_type in v.VNIC_TYPES_NEEDING_PCI})
-
-    def keeps_mark(self, job: BindingJob, produced: list[Publish]) -> bool:
-        """Only for a job that met the PCI devices (released one, or was given one or refused one,
-        or found the host without an inventory) or was dropped as stale. For any other, Nova would
-        make no PCI request and nothing changes: like select, allocate then keeps no mark (it was
-        the largest mark of a binding), a redelivered copy is handled again, and compose's mark
-        lets one through. ``explain`` reads such a job's selection from its result."""
-        return (not produced or job.port_id in self.holders
-                or job.allocation is not None and job.allocation != AllocationDecision.none_needed())
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if self.is_stale(job):
