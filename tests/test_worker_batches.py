@@ -132,6 +132,39 @@ def test_a_transient_failure_requeues_and_the_retry_succeeds(embedded, monkeypat
     assert failures == ["p1"]
 
 
+def test_after_a_transient_failure_the_rest_of_a_batch_goes_back_untried(embedded, monkeypatch):
+    """One by one after a failed batch: once an item meets a transient error (the database away,
+    each attempt retried for up to 20 s), the items after it are not tried; their messages are
+    requeued with it, and nothing is dead-lettered."""
+    settings, engine, connection = embedded
+    worker = Worker(settings, engine, ["allocate"], connection=connection)
+    tried: list[str] = []
+
+    def database_away(handler, items):  # noqa: ANN001, ANN202
+        tried.append(items[0].port_id)
+        raise OperationalError("select 1", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(worker, "commit_and_publish", database_away)
+    settled: list[tuple[int, str]] = []
+
+    class Delivery:
+        def __init__(self, tag: int):
+            self.delivery_tag = tag
+
+        def requeue(self) -> None:
+            settled.append((self.delivery_tag, "requeue"))
+
+        def ack(self) -> None:
+            settled.append((self.delivery_tag, "ack"))
+
+    first, second = Delivery(1), Delivery(2)
+    jobs = [BindingJob.model_validate(job(n)) for n in range(4)]
+    worker.one_by_one(worker.buffers["allocate"].handler, [(first, jobs[0]), (first, jobs[1]), (second, jobs[2]),
+                                                            (second, jobs[3])])
+    assert tried == ["p0"]
+    assert settled == [(1, "requeue"), (2, "requeue")]
+
+
 class FakeDelivery:
     def __init__(self, tag: int, acks: list):
         self.delivery_tag, self.acks = tag, acks

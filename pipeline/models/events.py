@@ -4,7 +4,6 @@ Payloads reuse the dry-run scenario objects, so a scenario can be replayed as ev
 """
 
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
@@ -76,9 +75,9 @@ class Envelope(BaseModel):
     context: RequestContext = Field(default_factory=RequestContext)
     payload: dict[str, Any]
     _raw: bytes | str | None = PrivateAttr(default=None)  # the JSON it was decoded from, if it was
-    _typed: BaseModel | None = PrivateAttr(default=None)  # the payload as validated
+    _typed: tuple[dict[str, Any], BaseModel] | None = PrivateAttr(default=None)  # (payload, as validated)
 
-    @cached_property
+    @property
     def key(self) -> str:
         """``event_id`` as text: the event's key in the log, the marks, the jobs and the log lines."""
         return str(self.event_id)
@@ -90,14 +89,15 @@ class Envelope(BaseModel):
 
     @model_validator(mode="after")
     def _payload_matches_type(self) -> "Envelope":
-        self._typed = PAYLOAD_MODELS[self.event_type].model_validate(self.payload)
+        self.typed_payload()
         return self
 
     def typed_payload(self) -> BaseModel:
-        """The payload as its event type's model (validated once, with the envelope)."""
-        if self._typed is None:
-            self._typed = PAYLOAD_MODELS[self.event_type].model_validate(self.payload)
-        return self._typed
+        """The payload as its event type's model: validated with the envelope, and again only if
+        the payload was replaced since (``model_copy(update=...)`` copies the private attribute)."""
+        if self._typed is None or self._typed[0] is not self.payload:
+            self._typed = (self.payload, PAYLOAD_MODELS[self.event_type].model_validate(self.payload))
+        return self._typed[1]
 
     @classmethod
     def new(cls, event_type: str, payload: dict[str, Any], context: RequestContext | None = None) -> "Envelope":

@@ -260,8 +260,15 @@ class Worker(ConsumerProducerMixin):
         self.unsettled -= tags
 
     def one_by_one(self, handler: StageHandler, items: list[tuple[Message, Any]]) -> None:
+        """Each item in its own transaction. After a transient failure (the database away, each
+        attempt retried for up to 20 s) the items not tried yet go back with their messages
+        untried: trying each of a batch of 1000 in turn could take hours without a heartbeat."""
         verdicts: dict[Message, list[tuple[str, Any, PoisonMessage | None]]] = {}
+        transient = False
         for message, item in items:
+            if transient:
+                verdicts.setdefault(message, []).append(("requeue", item, None))
+                continue
             try:
                 self.commit_and_publish(handler, [item])
                 verdicts.setdefault(message, []).append(("ok", item, None))
@@ -269,6 +276,7 @@ class Worker(ConsumerProducerMixin):
                 raise
             except Exception as exc:  # noqa: BLE001
                 poison = self.failure(handler, item, exc)
+                transient = poison is None
                 verdicts.setdefault(message, []).append(("requeue" if poison is None else "poison", item, poison))
         for message, outcomes in verdicts.items():
             if any(kind == "requeue" for kind, _, _ in outcomes):
