@@ -275,6 +275,26 @@ def test_postgres_exclusion_also_refuses_an_inserted_vf_beside_an_owned_pf(pg_en
             "'type-VF', '0000:81:00.0', '0000:81:00.0', 0, '{}', 'allocated', 'port-vf', now())"), {"h": HOST})
 
 
+def test_a_device_passed_from_one_port_to_another_in_one_batch_is_written(pg_engine: Engine):
+    """In one transaction port-1 lets go of VF .1 and takes .0 while port-2 takes .1: were .0
+    written first, port-1 would hold two VFs of the host for a moment, which the owner index
+    refuses. The write-back lets every owner go before it sets any."""
+    load(pg_engine, ONE_PF_THREE_VFS)
+    vf0, vf1 = "0000:81:10.0", "0000:81:10.1"
+    run_transaction(pg_engine, lambda session: allocate(session, *sriov_binding("port-1", profile={"pci_slot": vf1})))
+
+    def pass_it_on(session):  # noqa: ANN001, ANN202
+        cache = HostCache(session)
+        assert release_port(session, "port-1", cache) == [vf1]
+        assert allocate(session, *sriov_binding("port-2", profile={"pci_slot": vf1}), cache).device.address == vf1
+        assert allocate(session, *sriov_binding("port-1", profile={"pci_slot": vf0}), cache).device.address == vf0
+        cache.flush()
+
+    run_transaction(pg_engine, pass_it_on)
+    state = db_state(pg_engine)
+    assert (state[vf0], state[vf1]) == ((v.PCI_ALLOCATED, "port-1"), (v.PCI_ALLOCATED, "port-2"))
+
+
 def test_a_device_row_changed_behind_the_hosts_lock_is_not_overwritten(pg_engine: Engine):
     """Device rows are read, not locked, under their host's inventory row lock; the write-back
     still writes a row only if it holds the state that was loaded, so a writer that skipped the

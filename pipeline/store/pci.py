@@ -120,20 +120,37 @@ class PciStateConflict(Exception):
 
 
 def write_back(session: Session, hosts: list[tuple[str, PciTracker, DeviceStates]]) -> None:
-    """Persist changed statuses and owners (``hosts``: name, tracker, the states as loaded). Owners
-    are cleared before new ones are set, so the PF/VF constraint never sees a transient overlap.
+    """Persist changed statuses and owners (``hosts``: name, tracker, the states as loaded), in two
+    steps: first every row that loses its owner (or changes only its status), then every row that
+    gains one. So no port is ever seen holding two devices of a host (a device passed from one port
+    to another while the first takes a new one), nor the PF/VF constraint a transient overlap.
     Each row is written only if it still holds the state it was loaded with (``PciStateConflict``
     otherwise). On PostgreSQL each step is one statement over a JSON recordset (one UPDATE per
     device was ~10 µs of PostgreSQL a binding)."""
-    changes = [{"h": host, "a": address, "s": status, "o": owner, "old_s": rows[address][0], "old_o": rows[address][1]}
-               for host, tracker, rows in hosts for address, (status, owner) in tracker.snapshot().items()
-               if address in rows and rows[address] != (status, owner)]
-    for step in ([c for c in changes if c["o"] is None], [c for c in changes if c["o"] is not None]):
+    losing: list[dict[str, Any]] = []
+    gaining: list[dict[str, Any]] = []
+    for host, tracker, rows in hosts:
+        for address, (status, owner) in tracker.snapshot().items():
+            if address not in rows or rows[address] == (status, owner):
+                continue
+            old_status, old_owner = rows[address]
+            if owner is None or owner == old_owner:
+                losing.append(_change(host, address, (old_status, old_owner), (status, owner)))
+                continue
+            if old_owner is not None:  # passed on: let go first
+                losing.append(_change(host, address, (old_status, old_owner), (status, None)))
+                old_status = status
+            gaining.append(_change(host, address, (old_status, None), (status, owner)))
+    for step in (losing, gaining):
         if step:
             written = _update_devices(session, step)
             if written != len(step):
                 raise PciStateConflict(f"{len(step) - written} of {len(step)} PCI device rows changed under "
                                        f"their host's lock (hosts {sorted({c['h'] for c in step})})")
+
+
+def _change(host: str, address: str, old: tuple[str, str | None], new: tuple[str, str | None]) -> dict[str, Any]:
+    return {"h": host, "a": address, "old_s": old[0], "old_o": old[1], "s": new[0], "o": new[1]}
 
 
 _PG_UPDATE_DEVICES = text(
