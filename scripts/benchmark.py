@@ -141,6 +141,13 @@ def service_cpu_seconds() -> dict[str, float]:
     return totals
 
 
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat (idle and iowait are idle)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    clock = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / clock, sum(ticks) / clock
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -198,6 +205,7 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 
                     pg.execute("ANALYZE")
             cpu_before = {stage: cpu_seconds(p.pid) for stage, p in workers.items()} | service_cpu_seconds()
             own_before = cpu_seconds(os.getpid())
+            machine_before = machine_busy_seconds()
             started, clock_started_at = time.perf_counter(), datetime.now(UTC)
             for first in range(0, count, 500):  # built just before publishing: occurred_at is the publish time
                 client.publish_envelopes(ports(client, first, min(count, first + 500), hosts, sriov_hosts))
@@ -210,6 +218,8 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 
         cpu_after = {stage: cpu_seconds(p.pid) for stage, p in workers.items()} | service_cpu_seconds()
         cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
         own = cpu_seconds(os.getpid()) - own_before
+        machine_after = machine_busy_seconds()
+        busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
         rss = {stage: round(peak_rss_mib(p.pid), 1) for stage, p in workers.items()}
         with Session(engine) as session:
             latencies = sorted((r.created_at - e.occurred_at).total_seconds() for r, e in session.execute(
@@ -227,7 +237,7 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 
     return {"mode": mode, "events": count, "seconds": elapsed, "rate": count / elapsed, "published": published,
             "cpu_us": {k: round(v / count * 1e6) for k, v in cpu.items()}, "own_cpu_us": round(own / count * 1e6),
             "p50": statistics.median(latencies), "p99": latencies[int(0.99 * (len(latencies) - 1))],
-            "rss": rss}
+            "rss": rss, "busy": busy}
 
 
 def main() -> None:
@@ -262,7 +272,8 @@ def main() -> None:
                   f"latency p50 {result['p50']:.2f} s, p99 {result['p99']:.2f} s; "
                   f"peak RSS MiB {result['rss']})", flush=True)
             print(f"    CPU µs per binding: {result['cpu_us']} = {sum(result['cpu_us'].values())} "
-                  f"(and this script, publishing and polling: {result['own_cpu_us']})", flush=True)
+                  f"(and this script, publishing and polling: {result['own_cpu_us']}); the machine's CPUs "
+                  f"{result['busy']:.0%} busy", flush=True)
     print(f"\nsummary ({args.ports} ports, 4 stage processes, {os.cpu_count()} cores, every hop durable):")
     baseline = statistics.median(r["rate"] for r in runs.get("per-message", [])) if "per-message" in runs else None
     for mode, results in runs.items():

@@ -85,7 +85,10 @@ def main() -> None:
             bodies, seconds = run_stage(engine, handlers[stage], bodies, per_batch)
             if profile:
                 profile.disable()
-                pstats.Stats(profile).sort_stats(os.environ.get("SORT", "cumulative")).print_stats(int(os.environ.get("TOP", "40")))
+                stats = pstats.Stats(profile).sort_stats(os.environ.get("SORT", "cumulative"))
+                stats.print_stats(int(os.environ.get("TOP", "40")))
+                if os.environ.get("CALLERS"):
+                    stats.print_callers(os.environ["CALLERS"])
             total += seconds
             print(f"{stage:<9} {seconds / args.ports * 1e6:6.0f} µs/job")
         print(f"{'total':<9} {total / args.ports * 1e6:6.0f} µs/binding ({args.ports / total:.0f}/s in one process, "
