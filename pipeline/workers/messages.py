@@ -122,8 +122,9 @@ def decode_jobs(body: bytes | str) -> list[BindingJob]:
 
 
 def job_json(job: BindingJob) -> bytes:
-    """A job as it travels: fields at their default are left out (decoding restores them)."""
-    return job.model_dump_json(exclude_defaults=True).encode()
+    """A job as it travels: fields that are None are left out (decoding restores them). Not
+    ``exclude_defaults``: it compares every field with its default, ~25 % dearer for a few bytes less."""
+    return job.model_dump_json(exclude_none=True).encode()
 
 
 def handoff_messages(outputs: list["Publish"]) -> list[tuple[str, str, dict[str, Any] | bytes]]:

@@ -24,6 +24,8 @@ from amqp.serialization import dumps
 from kombu import Connection, Producer
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_any, wait_exponential_jitter
 
+from pipeline.workers.frames import buffer_frame_reads
+
 log = structlog.get_logger(__name__)
 
 
@@ -57,6 +59,7 @@ class BatchPublisher:
         self.connection = connection
         self.sign = sign
         self.channel = connection.channel()
+        buffer_frame_reads(connection)  # the broker's confirms come in many small frames
         self.producer = Producer(self.channel)
         self.confirm_timeout = confirm_timeout
         self.confirms = hasattr(self.channel, "confirm_select")  # py-amqp; the memory transport has none
@@ -145,4 +148,5 @@ def connect_with_retry(connection: Connection, max_seconds: float = 300.0,
                                                                error=str(s.outcome.exception())[:200])):
         with attempt:
             connection.connect()
+    buffer_frame_reads(connection)
     return connection

@@ -1,0 +1,115 @@
+"""The buffered AMQP frame reader, fed through a socket pair in awkward pieces."""
+
+import socket
+from struct import pack
+
+import pytest
+from amqp.exceptions import UnexpectedFrame
+
+from pipeline.workers.frames import RECV_BYTES, FrameReader
+
+
+def frame(frame_type: int, channel: int, payload: bytes, end: int = 206) -> bytes:
+    return pack(">BHI", frame_type, channel, len(payload)) + payload + bytes([end])
+
+
+class FakeTransport:
+    """What the reader uses of py-amqp's TCPTransport."""
+
+    def __init__(self, sock: socket.socket, read_ahead: bytes = b""):
+        self.sock, self._read_buffer, self.raise_on_initial_eintr, self.connected = sock, read_ahead, True, True
+
+
+@pytest.fixture
+def pair():
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.2)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_many_frames_in_one_write_and_read_ahead_bytes_come_out_in_order(pair) -> None:
+    ours, theirs = pair
+    frames = [frame(1, 1, b"method"), frame(2, 1, b"header"), frame(3, 1, b"x" * 3000), frame(8, 0, b"")]
+    wire = b"".join(frames)
+    reader = FrameReader(FakeTransport(ours, read_ahead=wire[:5]))  # py-amqp had read 5 bytes already
+    theirs.sendall(wire[5:])
+    assert [reader.read_frame() for _ in frames] == [(1, 1, b"method"), (2, 1, b"header"), (3, 1, b"x" * 3000),
+                                                      (8, 0, b"")]
+
+
+def test_a_timeout_in_the_middle_of_a_frame_loses_nothing(pair) -> None:
+    ours, theirs = pair
+    reader = FrameReader(FakeTransport(ours))
+    wire = frame(3, 2, b"body" * 100)
+    theirs.sendall(wire[:3])  # not even a whole header
+    with pytest.raises(socket.timeout):
+        reader.read_frame()
+    theirs.sendall(wire[3:50])  # a header, part of the payload
+    with pytest.raises(socket.timeout):
+        reader.read_frame()
+    theirs.sendall(wire[50:] + frame(1, 2, b"next"))
+    assert reader.read_frame() == (3, 2, b"body" * 100)
+    assert reader.read_frame() == (1, 2, b"next")
+
+
+def test_frames_larger_than_one_read_and_a_long_stream(pair) -> None:
+    ours, theirs = pair
+    reader = FrameReader(FakeTransport(ours))
+    big = bytes(range(256)) * (3 * RECV_BYTES // 256)
+    theirs.sendall(frame(3, 1, big))
+    assert reader.read_frame() == (3, 1, big)
+    payloads = [str(i).encode() * (i % 50) for i in range(2000)]
+    theirs.setblocking(False)
+    sent = b"".join(frame(3, 1, p) for p in payloads)
+    got = []
+    while len(got) < len(payloads):
+        if sent:
+            try:
+                sent = sent[theirs.send(sent[:4096]):]
+            except BlockingIOError:
+                pass
+        try:
+            got.append(reader.read_frame()[2])
+        except socket.timeout:
+            continue
+    assert got == payloads
+    assert reader.position <= len(reader.buffer) < RECV_BYTES + 4096  # the buffer is compacted as it goes
+
+
+def test_a_bad_frame_end_and_a_closed_connection_are_errors(pair) -> None:
+    ours, theirs = pair
+    transport = FakeTransport(ours)
+    reader = FrameReader(transport)
+    theirs.sendall(frame(1, 1, b"oops", end=0))
+    with pytest.raises(UnexpectedFrame):
+        reader.read_frame()
+    theirs.close()
+    with pytest.raises(OSError, match="closed"):
+        reader.read_frame()
+    assert transport.connected is False
+
+
+def test_worker_connections_read_frames_through_the_buffer_on_rabbitmq(amqp_url: str) -> None:
+    """On the real broker: a connection made as the workers make theirs has the reader, and a few
+    thousand messages of mixed sizes, published with confirms, come back whole and in order."""
+    from kombu import Connection, Consumer, Queue
+
+    from pipeline.workers.publisher import BatchPublisher, connect_with_retry
+
+    bodies = [b'{"n":%d,"pad":"%s"}' % (i, b"p" * (i * 37 % 5000)) for i in range(3000)]
+    with Connection(amqp_url) as connection, Connection(amqp_url) as producing:
+        connect_with_retry(connection)
+        assert isinstance(connection.connection.transport.read_frame.__self__, FrameReader)
+        queue = Queue("frames-test", durable=False)
+        queue(connection.default_channel).declare()
+        publisher = BatchPublisher(producing)
+        assert isinstance(producing.connection.transport.read_frame.__self__, FrameReader)
+        publisher.publish(("", "frames-test", body) for body in bodies)  # returns once all are confirmed
+        received: list[bytes] = []
+        with Consumer(connection, [queue], accept=None, prefetch_count=500,
+                      on_message=lambda m: (received.append(m.body), m.ack())):
+            while len(received) < len(bodies):
+                connection.drain_events(timeout=5)
+        assert received == [body.decode() for body in bodies]  # utf-8 JSON: py-amqp hands over text
