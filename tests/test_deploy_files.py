@@ -721,3 +721,20 @@ def test_bounded_keeps_label_values_in_their_set() -> None:
     assert metrics.bounded("bad_json", metrics.DEAD_LETTER_REASONS) == "bad_json"
     assert metrics.bounded("port 1234 exploded", metrics.DEAD_LETTER_REASONS) == "other"
     assert metrics.bounded(None, metrics.STAGES, default="unknown") == "unknown"
+
+
+def test_observe_each_counts_as_that_many_observations(tmp_path: Path) -> None:
+    """In multiprocess mode, as the workers run: the batch's share per message, written once."""
+    done = run_python("""
+        from prometheus_client import Histogram, generate_latest
+        from pipeline.observability import metrics as m
+        one, many = (Histogram(f"h_{n}", "d", ["stage"], buckets=(0.001, 0.01, 0.1)) for n in ("one", "many"))
+        for amount, count in ((0.0005, 3), (0.05, 7), (0.5, 2), (0.01, 1)):
+            for _ in range(count):
+                one.labels("s").observe(amount)
+            m.observe_each(many.labels("s"), amount, count)
+        print(generate_latest(m.registry_for_export()).decode())
+    """, BINDPIPE_METRICS_DIR=str(tmp_path))
+    families = exported_families(done.stdout)
+    assert families["h_one"] == families["h_many"]
+    assert families["h_many"][(("le", "0.01"), ("stage", "s"))] == 4 and families["h_many"][(("stage", "s"),)] > 1.3

@@ -102,6 +102,7 @@ def test_worker_connections_read_frames_through_the_buffer_on_rabbitmq(amqp_url:
     with Connection(amqp_url) as connection, Connection(amqp_url) as producing:
         connect_with_retry(connection)
         assert isinstance(connection.connection.transport.read_frame.__self__, FrameReader)
+        assert "blocking_read" in vars(connection.connection)  # buffered frames skip the socket's timeout
         queue = Queue("frames-test", durable=False)
         queue(connection.default_channel).declare()
         publisher = BatchPublisher(producing)
@@ -113,3 +114,15 @@ def test_worker_connections_read_frames_through_the_buffer_on_rabbitmq(amqp_url:
             while len(received) < len(bodies):
                 connection.drain_events(timeout=5)
         assert received == [body.decode() for body in bodies]  # utf-8 JSON: py-amqp hands over text
+
+
+def test_a_whole_buffered_frame_is_taken_without_the_socket(pair) -> None:
+    ours, theirs = pair
+    reader = FrameReader(FakeTransport(ours))
+    assert reader.buffered_frame() is None
+    theirs.sendall(frame(1, 1, b"one") + frame(2, 1, b"two")[:9])
+    assert reader.read_frame() == (1, 1, b"one")  # reads all that was sent
+    assert reader.buffered_frame() is None  # "two" is not whole yet: nothing taken
+    theirs.sendall(frame(2, 1, b"two")[9:])
+    assert reader.buffered_frame() is None  # only the socket has the rest
+    assert reader.read_frame() == (2, 1, b"two")

@@ -296,6 +296,17 @@ def init_stage_series(stage: str) -> None:
             BINDING_FAILURES.labels(reason=reason)
 
 
+def observe_each(histogram: Histogram, amount: float, count: int) -> None:
+    """``count`` observations of the same ``amount`` (a batch's share per message) in two writes,
+    as ``Histogram.observe`` makes them (its sum, then the first bucket that holds ``amount``):
+    one ``observe`` per message cost ~3 µs each in multiprocess mode."""
+    histogram._sum.inc(amount * count)
+    for bucket, bound in zip(histogram._buckets, histogram._upper_bounds, strict=True):
+        if amount <= bound:
+            bucket.inc(count)
+            break
+
+
 def touch_loop(stage: str) -> None:
     """Record that ``stage``'s consume loop is turning (for the worker-stalled alert); the first
     time in this process, also create the stage's series at 0 (:func:`init_stage_series`)."""
@@ -307,7 +318,7 @@ __all__ = [
     "BATCH_SIZE", "BINDINGS", "BINDING_FAILURES", "BINDING_OUTCOMES", "DEAD_LETTERS", "DEAD_LETTER_REASONS",
     "END_TO_END_LATENCY", "EVENT_LOG_LAG", "FAILURE_REASONS", "METRIC_FAMILIES", "PCI_DEVICES", "PCI_STATES",
     "STAGES", "STAGE_DURATION", "STAGE_MESSAGES", "STAGE_OUTCOMES", "WORKER_LAST_LOOP", "bounded",
-    "configure_metrics_dir", "failure_reason_category", "init_stage_series", "make_metrics_server", "mark_dead",
+    "configure_metrics_dir", "failure_reason_category", "observe_each", "init_stage_series", "make_metrics_server", "mark_dead",
     "metrics_dir",
     "reap_dead_processes", "registry_for_export", "serve", "touch_loop",
 ]

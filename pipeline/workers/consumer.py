@@ -7,6 +7,7 @@ message that cannot be decoded is dead-lettered on its first delivery. If a batc
 messages are retried one by one, so one bad message never takes its neighbours down with it.
 """
 
+import collections
 import gc
 import signal
 import socket
@@ -320,16 +321,12 @@ class Worker(ConsumerProducerMixin):
     def observe(self, handler: StageHandler, size: int, seconds: float, outputs: list[Publish]) -> None:
         stage = handler.stage
         metrics.BATCH_SIZE.labels(stage=stage).observe(size)
-        duration = metrics.STAGE_DURATION.labels(stage=stage)
-        for _ in range(size):
-            duration.observe(seconds / size)
+        metrics.observe_each(metrics.STAGE_DURATION.labels(stage=stage), seconds / size, size)
         metrics.STAGE_MESSAGES.labels(stage=stage, outcome="ok").inc(size - handler.duplicates)
         if handler.duplicates:
             metrics.STAGE_MESSAGES.labels(stage=stage, outcome="duplicate").inc(handler.duplicates)
-        now = datetime.now(UTC)
-        for out in outputs:
-            if out.exchange == RESULTS.name:
-                report_result(out.result or BindingResult.model_validate(out.body), out.occurred_at, now)
+        report_results([(out.result or BindingResult.model_validate(out.body), out.occurred_at)
+                        for out in outputs if out.exchange == RESULTS.name])
 
     def dead_letter(self, stage: str, message: Message, poison: PoisonMessage) -> None:
         """Record why, then reject without requeue: RabbitMQ routes it to the stage's DLQ. A message
@@ -396,14 +393,23 @@ def reason_category(result: BindingResult) -> str:
     return failure_reason_category(result.error or (decline.reason if decline else ""))
 
 
-def report_result(result: BindingResult, occurred_at: datetime | None, now: datetime) -> None:
-    """One INFO line and the outcome metrics for a published binding result."""
-    outcome = result.outcome
-    reason = result.reason if outcome != "bound" else ""
-    log.info("binding outcome", port_id=result.port_id, host=result.host, event_id=result.event_id,
-             outcome=outcome, vif_type=result.vif_type, reason=reason or None, seq=result.seq)
-    metrics.BINDINGS.labels(vif_type=result.vif_type or "none", outcome=outcome).inc()
-    if outcome in ("failed", "error"):
-        metrics.BINDING_FAILURES.labels(reason=reason_category(result)).inc()
-    if occurred_at is not None:
-        metrics.END_TO_END_LATENCY.observe(max((now - occurred_at).total_seconds(), 0.0))
+def report_results(results: list[tuple[BindingResult, datetime | None]]) -> None:
+    """One INFO line per published binding result (with the time its event occurred, if known),
+    and the outcome metrics: counters once per label set of the batch."""
+    now = datetime.now(UTC)
+    bindings: collections.Counter[tuple[str, str]] = collections.Counter()
+    failures: collections.Counter[str] = collections.Counter()
+    for result, occurred_at in results:
+        outcome = result.outcome
+        reason = result.reason if outcome != "bound" else ""
+        log.info("binding outcome", port_id=result.port_id, host=result.host, event_id=result.event_id,
+                 outcome=outcome, vif_type=result.vif_type, reason=reason or None, seq=result.seq)
+        bindings[(result.vif_type or "none", outcome)] += 1
+        if outcome in ("failed", "error"):
+            failures[reason_category(result)] += 1
+        if occurred_at is not None:
+            metrics.END_TO_END_LATENCY.observe(max((now - occurred_at).total_seconds(), 0.0))
+    for (vif_type, outcome), count in bindings.items():
+        metrics.BINDINGS.labels(vif_type=vif_type, outcome=outcome).inc(count)
+    for category, count in failures.items():
+        metrics.BINDING_FAILURES.labels(reason=category).inc(count)

@@ -6,11 +6,16 @@ six system calls, each through Python. Here a transport reads up to ``RECV_BYTES
 a buffer and frames are cut out of it: for a stream of small messages, one system call serves
 dozens of them. A frame is only taken once it is whole, so a timeout in the middle of one leaves
 everything in the buffer for the next read, as py-amqp's own reader does.
+
+The connection's ``blocking_read`` is replaced too: py-amqp sets the socket's timeout for every
+frame (and puts it back after), two ``fcntl`` calls and a context manager each time. A frame
+already whole in the buffer needs no socket, so it is handed over without them.
 """
 
 import errno
 import socket
 from struct import unpack_from
+from typing import Any
 
 from amqp.exceptions import UnexpectedFrame
 from amqp.transport import TCPTransport
@@ -58,6 +63,17 @@ class FrameReader:
         self._fill(7, initial=True)
         frame_type, channel, size = unpack_from(">BHI", self.buffer, self.position)
         self._fill(7 + size + 1, initial=False)
+        return self._take(frame_type, channel, size)
+
+    def buffered_frame(self) -> tuple[int, int, bytes] | None:
+        """The next frame if it is whole in the buffer, else None (and nothing taken)."""
+        available = len(self.buffer) - self.position
+        if available < 7:
+            return None
+        frame_type, channel, size = unpack_from(">BHI", self.buffer, self.position)
+        return self._take(frame_type, channel, size) if available >= 7 + size + 1 else None
+
+    def _take(self, frame_type: int, channel: int, size: int) -> tuple[int, int, bytes]:
         start = self.position + 7
         payload = bytes(self.buffer[start:start + size])
         frame_end = self.buffer[start + size]
@@ -70,6 +86,19 @@ class FrameReader:
 def buffer_frame_reads(connection: Connection) -> None:
     """Give a connected kombu connection's RabbitMQ transport the buffered reader (plain TCP only:
     TLS and the in-memory transport keep their own)."""
-    transport = getattr(connection.connection, "transport", None)
-    if type(transport) is TCPTransport and not isinstance(getattr(transport.read_frame, "__self__", None), FrameReader):
-        transport.read_frame = FrameReader(transport).read_frame
+    amqp_connection = connection.connection
+    transport = getattr(amqp_connection, "transport", None)
+    if type(transport) is not TCPTransport or isinstance(getattr(transport.read_frame, "__self__", None), FrameReader):
+        return
+    reader = FrameReader(transport)
+    transport.read_frame = reader.read_frame
+
+    def blocking_read(timeout: float | None = None) -> Any:
+        """``amqp.Connection.blocking_read``, without the socket for a frame already buffered."""
+        frame = reader.buffered_frame()
+        if frame is None:
+            with transport.having_timeout(timeout):
+                frame = reader.read_frame()
+        return amqp_connection.on_inbound_frame(frame)
+
+    amqp_connection.blocking_read = blocking_read
