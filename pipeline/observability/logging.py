@@ -82,18 +82,26 @@ def _redact(value: Any, depth: int = 0) -> Any:
 
 
 def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    """structlog processor: see the module docstring for what is masked. Values that cannot hold
-    a secret (most of a line: ids, numbers, None) are left as they are without a call each."""
+    """structlog processor: see the module docstring for what is masked. The keys that name a
+    secret are known per shape of line (cached), and a line's strings are searched once, together,
+    for what a password in a URL or DSN needs: most lines (ids, numbers) are left as they are.
+    (ProcessorFormatter's ``_record`` / ``_from_structlog`` are neither strings nor containers.)"""
+    secret = _secret_keys(tuple(event_dict))
+    may_hold_password = _MAY_HOLD_PASSWORD.search("\n".join(v for v in event_dict.values() if isinstance(v, str)))
     for key, value in event_dict.items():
-        if key.startswith("_"):  # ProcessorFormatter's _record / _from_structlog
-            continue
-        if is_secret_key(key):
+        if key in secret:
             event_dict[key] = REDACTED
         elif isinstance(value, str):
-            event_dict[key] = redact_text(value)
+            if may_hold_password:
+                event_dict[key] = redact_text(value)
         elif isinstance(value, (dict, list, tuple)):
             event_dict[key] = _redact(value)
     return event_dict
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_keys(keys: tuple[Any, ...]) -> frozenset[Any]:
+    return frozenset(key for key in keys if is_secret_key(key))
 
 
 def _redacted_traceback(sio: TextIO, exc_info: Any) -> None:
