@@ -423,3 +423,32 @@ def test_inventory_update_drops_vanished_free_devices_and_keeps_one_in_use_until
     assert db_state(pg_engine) == {"0000:81:00.0": (v.PCI_UNAVAILABLE, None),
                                    "0000:81:10.1": (v.PCI_ALLOCATED, "port-b")}
     assert invariant_violations(db_tracker(pg_engine)) == []
+
+
+def test_a_hosts_inventory_is_parsed_once_per_version_and_a_new_one_is_never_missed(pg_engine: Engine, monkeypatch):
+    """Locking a host reads its inventory's row version only; the inventory is read and parsed again
+    only when another transaction (or this one) has written it since."""
+    from pipeline.store import pci
+
+    parsed = []
+    real = pci._idle_tracker
+    monkeypatch.setattr(pci, "_idle_tracker", lambda stored: parsed.append(1) or real(stored))
+    load(pg_engine, ONE_PF_THREE_VFS)
+    ops = Ops(pg_engine)
+    assert ops.allocate("port-a")["decision"].device.address == "0000:81:10.0"
+    assert ops.allocate("port-b")["decision"].device.address == "0000:81:10.1"
+    assert len(parsed) == 1  # the second batch found the host's version known
+    load(pg_engine, inventory(pf_group(0x81, 3), pf_group(0x82, 2)))  # two more VFs
+    assert ops.allocate("port-c")["decision"].device.address == "0000:81:10.2"
+    assert ops.allocate("port-d")["decision"].device.address == "0000:82:10.0"  # only in the new inventory
+    assert len(parsed) == 2
+    load(pg_engine, inventory(pf_group(0x82, 2)))  # the 0x81 group vanishes while three of its VFs are in use
+
+    def release_two(session):  # noqa: ANN001, ANN202 - two writes of the inventory in one transaction
+        cache = HostCache(session)
+        return release_port(session, "port-a", cache) + release_port(session, "port-b", cache)
+
+    assert run_transaction(pg_engine, release_two) == ["0000:81:10.0", "0000:81:10.1"]
+    assert "0000:81:10.0" not in db_state(pg_engine) and "0000:81:10.1" not in db_state(pg_engine)
+    assert ops.allocate("port-e")["decision"].device.address == "0000:82:10.1"
+    assert invariant_violations(db_tracker(pg_engine)) == []

@@ -19,11 +19,11 @@ row is deleted and its inventory entry dropped (or replaced by the untracked rep
 is never allocated again. A later inventory that reports it tracked again un-marks it.
 """
 
-import functools
+import collections
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, delete, select, text, update
+from sqlalchemy import bindparam, delete, literal_column, select, text, update
 from sqlalchemy.orm import Session
 
 from pipeline.db import among, insert_rows
@@ -68,49 +68,67 @@ def _save_inventory(inventory_row: HostInventoryRow, inventory: HostPciInventory
 
 
 def _load(session: Session, host: str):  # noqa: ANN202
-    """(tracker, rows, inventory row, pending) for ``host``, locked; tracker None when no inventory."""
+    """(tracker, device states, pending) for ``host``, locked; tracker None when it has no inventory."""
     return _load_hosts(session, [host])[host]
 
 
+# On PostgreSQL a stored inventory is known by its row version: the transaction that wrote it
+# (``xmin``, never reused while the row lives) and its ``updated_at`` (which tells apart two writes
+# of one transaction). Locking a host reads only that; the inventory itself (~65 KiB a host, a PF
+# and 32 VFs) is read and parsed only when its version is not in ``_IDLE_TRACKERS``.
+_ROW_VERSION = literal_column("xmin::text")
+_IDLE_TRACKERS: collections.OrderedDict[tuple[str, Any], tuple[PciTracker, dict[str, Any]]] = collections.OrderedDict()
+IDLE_TRACKERS_KEPT = 512  # hosts; ~65 KiB each
+
+
 def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
-    """``_load`` for many hosts in two statements; their inventory rows are locked in host order,
+    """``_load`` for many hosts in a few statements; their inventory rows are locked in host order,
     as everywhere else, so two workers never wait for each other in a cycle."""
     hosts = sorted(set(hosts))
-    inventories = {r.host: r for r in session.scalars(
-        select(HostInventoryRow).where(among(session, HostInventoryRow.host, hosts)).order_by(HostInventoryRow.host)
-        .with_for_update())}
+    postgres = session.get_bind().dialect.name == "postgresql"
+    version = _ROW_VERSION if postgres else HostInventoryRow.inventory  # SQLite: the content is the version
+    locked = {host: (host, token, updated_at) for host, token, updated_at in session.execute(
+        select(HostInventoryRow.host, version, HostInventoryRow.updated_at)
+        .where(among(session, HostInventoryRow.host, hosts)).order_by(HostInventoryRow.host).with_for_update())}
+    keys = {host: key if postgres else (host, orjson.dumps(key[1])) for host, key in locked.items()}
+    missing = [host for host, key in keys.items() if key not in _IDLE_TRACKERS]
+    if missing:
+        stored = (dict(session.execute(select(HostInventoryRow.host, HostInventoryRow.inventory)
+                                       .where(among(session, HostInventoryRow.host, missing))).all())
+                  if postgres else {host: locked[host][1] for host in missing})
+        for host in missing:
+            _IDLE_TRACKERS[keys[host]] = _idle_tracker(stored[host] or {})
+            while len(_IDLE_TRACKERS) > IDLE_TRACKERS_KEPT:
+                _IDLE_TRACKERS.popitem(last=False)
     devices: dict[str, DeviceStates] = {}
     for host, address, status, owner in session.execute(
-            select(*STATE_COLUMNS).where(among(session, PciDeviceRow.host, inventories))
+            select(*STATE_COLUMNS).where(among(session, PciDeviceRow.host, locked))
             .order_by(PciDeviceRow.host, PciDeviceRow.address)):
         devices.setdefault(host, {})[address] = (status, owner)
     loaded: dict[str, tuple] = {}
     for host in hosts:
-        inventory_row = inventories.get(host)
-        if inventory_row is None:
-            loaded[host] = (None, {}, None, {})
+        if host not in keys:
+            loaded[host] = (None, {}, {})
             continue
+        _IDLE_TRACKERS.move_to_end(keys[host])
+        idle, pending = _IDLE_TRACKERS[keys[host]]
         rows = devices.get(host, {})
-        idle, pending = _idle_tracker(orjson.dumps(inventory_row.inventory or {}))
         tracker = idle.with_state({a: status for a, (status, _) in rows.items()},
                                   {a: owner for a, (_, owner) in rows.items() if owner})
-        loaded[host] = (tracker, rows, inventory_row, dict(pending))
+        loaded[host] = (tracker, rows, dict(pending))
     return loaded
 
 
-@functools.lru_cache(maxsize=512)
-def _idle_tracker(stored: bytes) -> tuple[PciTracker, dict[str, dict[str, Any] | None]]:
-    """The idle tracker of a stored inventory (and its devices pending removal), built once per
-    inventory content: parsing an inventory and matching its devices to the device spec cost
-    ~0.2 ms a host, paid again for every batch that allocates on it. Keyed by the stored JSON
-    itself, so a changed inventory can never be served a stale tracker. Bounded: 512 hosts of
-    ~65 KiB each (measured for a PF and 32 VFs), ~33 MiB at most."""
-    inventory, pending = _parse_inventory(orjson.loads(stored))
+def _idle_tracker(stored: dict[str, Any]) -> tuple[PciTracker, dict[str, dict[str, Any] | None]]:
+    """The idle tracker of a stored inventory (and its devices pending removal): parsing an
+    inventory and matching its devices to the device spec cost ~0.2 ms a host, so it is kept
+    (``_IDLE_TRACKERS``) for as long as the inventory is."""
+    inventory, pending = _parse_inventory(stored)
     return PciTracker.from_inventory(inventory), pending
 
 
 def tracker_for(session: Session, host: str) -> tuple[PciTracker | None, DeviceStates]:
-    tracker, rows, _, _ = _load(session, host)
+    tracker, rows, _ = _load(session, host)
     return tracker, rows
 
 
@@ -290,8 +308,8 @@ class HostCache:
     def flush(self, host: str | None = None) -> None:
         """Write back ``host`` (or every host) and forget it: the next use loads it afresh."""
         names = [host] if host is not None else list(self.loaded)
-        flushed = {name: self.loaded.pop(name, (None, None, None, None)) for name in names}
-        write_back(self.session, [(name, tracker, rows) for name, (tracker, rows, _, _) in flushed.items()
+        flushed = {name: self.loaded.pop(name, (None, None, None)) for name in names}
+        write_back(self.session, [(name, tracker, rows) for name, (tracker, rows, _) in flushed.items()
                                   if tracker is not None])
 
 
@@ -304,14 +322,14 @@ def release_port(session: Session, port_id: str, cache: HostCache | None = None)
     cache.lock(hosts)
     released: list[str] = []
     for host in sorted(hosts):
-        tracker, rows, inventory_row, pending = cache.get(host)
+        tracker, rows, pending = cache.get(host)
         if tracker is None:
             continue
         freed = tracker.release(port_id).released
         released += freed
         removed = [a for a in freed if a in pending]
         if removed:
-            _remove_freed(session, inventory_row, rows, pending, removed)
+            _remove_freed(session, session.get(HostInventoryRow, host), rows, pending, removed)
             cache.flush(host)  # the tracker still holds the removed devices: reload on next use
     if own:
         cache.flush()
