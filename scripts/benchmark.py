@@ -2,11 +2,14 @@
 
     .venv/bin/python scripts/benchmark.py [--ports 3000] [--modes batched,per-message] [--rounds 1]
                                           [--warmup 1000] [--baseline DIR [--baseline-settings batch-200]]
+                                          [--processes validate=2,select=2,compose=2]
 
-For each mode, in a fresh vhost and database: one ``bindpipe worker STAGE`` process per stage is
-started and the topology loaded; once every worker is consuming, ``--warmup`` ports are bound and
-the database analyzed (the steady state: statistics as autovacuum keeps them; on a new database's
-empty tables PostgreSQL plans scans until its first autoanalyze). Then the clock starts, ``--ports``
+For each mode, in a fresh vhost and database: ``bindpipe worker STAGE`` processes (one per stage,
+or as ``--processes`` says) are started and the topology loaded; once every worker is consuming,
+``--warmup`` ports are bound and the database analyzed (the steady state: statistics as autovacuum
+keeps them; on a new database's empty tables PostgreSQL plans scans until its first autoanalyze),
+and the machine is let go quiet (RabbitMQ still freeing the previous run's vhost would be counted
+in this one's figures). Then the clock starts, ``--ports``
 port.create events are published as fast as the broker confirms them, and the clock stops when
 every port's result is published (every hop durable: persistent messages, publisher confirms, a
 committed transaction per batch; each compute host has its durable results queue, as in production,
@@ -148,6 +151,19 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (sum(ticks) - ticks[3] - ticks[4]) / clock, sum(ticks) / clock
 
 
+def wait_quiet(threshold: float = 0.15, window: float = 0.5, limit: float = 60.0) -> None:
+    """Until the machine's CPUs are nearly idle over ``window`` seconds (or ``limit`` has passed):
+    RabbitMQ goes on freeing a deleted vhost's queues after the previous run, which otherwise
+    lands in the next run's RabbitMQ figure."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        after = machine_busy_seconds()
+        if (after[0] - before[0]) / max(after[1] - before[1], 1e-9) < threshold:
+            return
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -171,7 +187,19 @@ def wait_ready(client: BindingClient, engine, workers: dict[str, subprocess.Pope
         time.sleep(0.1)
 
 
-def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 0) -> dict:
+def parse_processes(text: str) -> dict[str, int]:
+    """``validate=2,compose=2``: worker processes per stage (1 for a stage not named)."""
+    counts = dict.fromkeys(STAGES, 1)
+    for item in filter(None, text.split(",")):
+        stage, _, number = item.partition("=")
+        if stage not in counts or not number.isdigit() or int(number) < 1:
+            raise SystemExit(f"--processes: {item!r} is not STAGE=N (stages: {', '.join(STAGES)})")
+        counts[stage] = int(number)
+    return counts
+
+
+def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 0,
+             processes: dict[str, int] | None = None) -> dict:
     tag = f"bench{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", tag)
     rabbitmqctl("set_permissions", "-p", tag, "guest", ".*", ".*", ".*")
@@ -193,8 +221,9 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 
                 results_queue(host, settings)(client.connection.default_channel).declare()  # results are kept
             setup = topology(client, hosts, sriov_hosts)
             client.publish_envelopes(setup)
-            workers = {stage: subprocess.Popen([bindpipe, "worker", stage], env=env, stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL) for stage in STAGES}
+            workers = {f"{stage}-{i}": subprocess.Popen([bindpipe, "worker", stage], env=env, stdout=subprocess.DEVNULL,
+                                                        stderr=subprocess.DEVNULL)
+                       for stage in STAGES for i in range((processes or {}).get(stage, 1))}
             wait_ready(client, engine, workers, len(setup))
             if warmup:
                 client.publish_envelopes(ports(client, count, count + warmup, hosts, sriov_hosts))
@@ -203,6 +232,7 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 
                     time.sleep(0.1)
                 with psycopg.connect(f"{POSTGRES}/{tag}", autocommit=True) as pg:
                     pg.execute("ANALYZE")
+            wait_quiet()
             cpu_before = {stage: cpu_seconds(p.pid) for stage, p in workers.items()} | service_cpu_seconds()
             own_before = cpu_seconds(os.getpid())
             machine_before = machine_busy_seconds()
@@ -216,11 +246,14 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 
                 time.sleep(0.1)
         elapsed = time.perf_counter() - started
         cpu_after = {stage: cpu_seconds(p.pid) for stage, p in workers.items()} | service_cpu_seconds()
-        cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
+        cpu: dict[str, float] = {}
+        for name in cpu_after:  # per stage (its processes together), RabbitMQ, PostgreSQL
+            key = name.rsplit("-", 1)[0] if name not in ("rabbitmq", "postgres") else name
+            cpu[key] = cpu.get(key, 0.0) + cpu_after[name] - cpu_before[name]
         own = cpu_seconds(os.getpid()) - own_before
         machine_after = machine_busy_seconds()
         busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
-        rss = {stage: round(peak_rss_mib(p.pid), 1) for stage, p in workers.items()}
+        rss = {name: round(peak_rss_mib(p.pid), 1) for name, p in workers.items()}
         with Session(engine) as session:
             latencies = sorted((r.created_at - e.occurred_at).total_seconds() for r, e in session.execute(
                 select(ResultRow, EventLog).join(EventLog, EventLog.event_id == ResultRow.event_id)
@@ -251,6 +284,9 @@ def main() -> None:
                              "of another commit), to compare code side by side")
     parser.add_argument("--baseline-settings", choices=["batched", "batch-200"], default="batched",
                         help="the batching the baseline runs with (default: batched's, to compare code alone)")
+    parser.add_argument("--processes", default="", metavar="STAGE=N,...",
+                        help="worker processes per stage, e.g. validate=2,select=2,compose=2 as deploy/supervisord.conf "
+                             "runs them (default: one per stage)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1000, help="ports bound before the clock starts")
     parser.add_argument("--hosts", type=int, default=50)
@@ -259,13 +295,14 @@ def main() -> None:
     args = parser.parse_args()
     args.sriov_hosts = args.sriov_hosts or max(20, -(-(args.ports + args.warmup) // 5 // 32))
     modes = args.modes.split(",")
+    processes = parse_processes(args.processes)
     if args.baseline:
         MODES["baseline"] = {**MODES[args.baseline_settings], "PYTHONPATH": str(Path(args.baseline).resolve())}
         modes.append("baseline")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for round_number in range(args.rounds):
         for mode in modes if round_number % 2 == 0 else reversed(modes):
-            result = run_mode(mode, args.ports, args.hosts, args.sriov_hosts, args.warmup)
+            result = run_mode(mode, args.ports, args.hosts, args.sriov_hosts, args.warmup, processes)
             runs[mode].append(result)
             print(f"round {round_number + 1} {mode:<12} {result['events']} ports in {result['seconds']:.2f} s = "
                   f"{result['rate']:.0f}/s (all published in {result['published']:.2f} s; "
@@ -274,7 +311,8 @@ def main() -> None:
             print(f"    CPU µs per binding: {result['cpu_us']} = {sum(result['cpu_us'].values())} "
                   f"(and this script, publishing and polling: {result['own_cpu_us']}); the machine's CPUs "
                   f"{result['busy']:.0%} busy", flush=True)
-    print(f"\nsummary ({args.ports} ports, 4 stage processes, {os.cpu_count()} cores, every hop durable):")
+    shape = ", ".join(f"{stage} x{n}" for stage, n in processes.items())
+    print(f"\nsummary ({args.ports} ports; worker processes: {shape}; {os.cpu_count()} cores; every hop durable):")
     baseline = statistics.median(r["rate"] for r in runs.get("per-message", [])) if "per-message" in runs else None
     for mode, results in runs.items():
         rate = statistics.median(r["rate"] for r in results)

@@ -91,6 +91,8 @@ def main() -> None:
                 stats.print_stats(int(os.environ.get("TOP", "40")))
                 if os.environ.get("CALLERS"):
                     stats.print_callers(os.environ["CALLERS"])
+                if os.environ.get("CALLEES"):
+                    stats.print_callees(os.environ["CALLEES"])
             total += seconds
             total_cpu += cpu
             print(f"{stage:<9} {seconds / args.ports * 1e6:6.0f} µs/job ({cpu / args.ports * 1e6:.0f} of them Python's CPU)")
