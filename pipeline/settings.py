@@ -30,9 +30,9 @@ class Settings(BaseSettings):
     # measured (benchmarks/RESULTS.md): a batch's fixed costs (its transactions, the PCI hosts and
     # agents it loads, its statements) made 200 cost ~25 % more CPU a binding than 1000 under load;
     # a batch fills up only under load, so a lone event still waits at most batch_wait_ms a stage
-    batch_size: int = Field(1000, ge=1, description="events (validate) or jobs handled in one transaction")
+    batch_size: int = Field(2000, ge=1, description="events (validate) or jobs handled in one transaction")
     batch_wait_ms: int = Field(10, ge=0, description="how long a partial batch waits for more")
-    prefetch: int = Field(2000, ge=1, description="events in hand (later stages: as many jobs, in hand-offs)")
+    prefetch: int = Field(4000, ge=1, description="events in hand (later stages: as many jobs, in hand-offs)")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     agent_down_time: int = Field(75, ge=1, description="seconds without heartbeat before an agent is dead")
     heartbeat: int = Field(30, ge=0, description="AMQP heartbeat in seconds")

@@ -59,6 +59,17 @@ SRIOV = {"agent_type": "NIC Switch agent", "binary": "neutron-sriov-nic-agent",
          "configurations": {"device_mappings": {"physnet1": ["ens1f0"]}}}
 
 
+def mode_settings(mode: str) -> dict[str, str]:
+    """A mode's batching settings: one of ``MODES``, or ``batch-N`` (N a batch, a prefetch of 2N,
+    the default wait)."""
+    if mode in MODES:
+        return MODES[mode]
+    size = mode.removeprefix("batch-")
+    if not mode.startswith("batch-") or not size.isdigit() or int(size) < 1:
+        raise SystemExit(f"unknown mode {mode!r}: {', '.join(MODES)} or batch-N")
+    return {**MODES["batched"], "BINDPIPE_BATCH_SIZE": size, "BINDPIPE_PREFETCH": str(2 * int(size))}
+
+
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
@@ -208,7 +219,7 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 
     broker, database = f"{BROKER}/{tag}", f"postgresql+psycopg://{POSTGRES.split('://', 1)[1]}/{tag}"
     settings = Settings(broker_url=broker, database_url=database)
     env = {**os.environ, "BINDPIPE_BROKER_URL": broker, "BINDPIPE_DATABASE_URL": database,
-           "BINDPIPE_LOG_FORMAT": "json", "BINDPIPE_DECLARE_TOPOLOGY": "false", **MODES[mode]}
+           "BINDPIPE_LOG_FORMAT": "json", "BINDPIPE_DECLARE_TOPOLOGY": "false", **mode_settings(mode)}
     bindpipe = str(Path(sys.executable).with_name("bindpipe"))
     # the schema of the code under test (a baseline's own migrations and indexes)
     subprocess.run([bindpipe, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -278,11 +289,11 @@ def main() -> None:
     parser.add_argument("--ports", type=int, default=3000)
     parser.add_argument("--modes", default="batched,per-message",
                         help="batched (the settings' default batching), batch-200 (the former defaults: 200 "
-                             "a batch, 5 ms, prefetch 400), per-message")
+                             "a batch, 5 ms, prefetch 400), batch-N (N a batch, prefetch 2N), per-message")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run mode 'baseline': batched, with the workers' code taken from DIR (a checkout "
                              "of another commit), to compare code side by side")
-    parser.add_argument("--baseline-settings", choices=["batched", "batch-200"], default="batched",
+    parser.add_argument("--baseline-settings", default="batched", metavar="MODE",
                         help="the batching the baseline runs with (default: batched's, to compare code alone)")
     parser.add_argument("--processes", default="", metavar="STAGE=N,...",
                         help="worker processes per stage, e.g. validate=2,select=2,compose=2 as deploy/supervisord.conf "
@@ -297,7 +308,7 @@ def main() -> None:
     modes = args.modes.split(",")
     processes = parse_processes(args.processes)
     if args.baseline:
-        MODES["baseline"] = {**MODES[args.baseline_settings], "PYTHONPATH": str(Path(args.baseline).resolve())}
+        MODES["baseline"] = {**mode_settings(args.baseline_settings), "PYTHONPATH": str(Path(args.baseline).resolve())}
         modes.append("baseline")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for round_number in range(args.rounds):
