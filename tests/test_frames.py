@@ -126,3 +126,24 @@ def test_a_whole_buffered_frame_is_taken_without_the_socket(pair) -> None:
     theirs.sendall(frame(2, 1, b"two")[9:])
     assert reader.buffered_frame() is None  # only the socket has the rest
     assert reader.read_frame() == (2, 1, b"two")
+
+
+@pytest.mark.parametrize("size", [0, 1, 1200, 131072 - 100, 131072 - 8, 131072, 3 * 131072 + 5])
+def test_publish_frames_are_the_bytes_py_amqp_writes(size: int) -> None:
+    """The publisher's frames from parts made once equal py-amqp's frame writer's, byte for byte,
+    for a body that fits one frame, one that only just does or does not, and one of several."""
+    from amqp import Message, spec
+    from amqp.method_framing import frame_writer
+    from amqp.serialization import dumps
+
+    from pipeline.workers.publisher import PROPERTIES, _Frames, publish_frames
+
+    class Connection:
+        frame_max, bytes_sent = 131072, 0
+
+    written = _Frames()
+    body = bytes(i % 251 for i in range(size))
+    frame_writer(Connection(), written)(1, 3, spec.Basic.Publish,
+                                        dumps("Bssbb", (0, "binding.results", "host.compute-7", False, False)),
+                                        Message(body, **PROPERTIES))
+    assert publish_frames(3, 131072, "binding.results", "host.compute-7", body) == written.take()

@@ -6,14 +6,19 @@ for the broker's (cumulative) acks of all of it: one round trip per batch. A nac
 raises, and the batch is not acked to its source queue, so nothing is lost (downstream stages
 recognise a re-published message by its stage mark).
 
-On RabbitMQ a batch's frames are built by py-amqp's own frame writer into one buffer and sent in
-one write: ``Channel.basic_publish`` writes each message to the socket and polls the connection
-for a ``connection.blocked`` notice first, which made a publish cost ~5 times as much (measured:
-68 against 14 µs a message). Nothing else differs on the wire.
+On RabbitMQ a batch's frames are built into one buffer and sent in one write:
+``Channel.basic_publish`` writes each message to the socket and polls the connection for a
+``connection.blocked`` notice first, which made a publish cost ~5 times as much (measured: 68
+against 14 µs a message). A message without headers (every one a worker sends) has its frames
+put together from parts made once (``publish_frames``: the method per exchange and routing key,
+the properties); py-amqp's frame writer, which serializes both for every message, takes the
+rest (15 against ~3 µs a message). The bytes on the wire are the same (a test compares them).
 """
 
+import functools
 import time
 from collections.abc import Callable, Iterable
+from struct import pack
 from typing import Any
 
 import orjson
@@ -34,6 +39,34 @@ class PublishNotConfirmed(Exception):
 
 
 SEND_BYTES = 1 << 20  # frames are sent at least every MiB: a long replay is not built whole in memory
+PROPERTIES = {"content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 2}
+_FRAME_END = b"\xce"
+
+
+@functools.lru_cache(maxsize=4096)
+def _publish_method(exchange: str, routing_key: str) -> bytes:
+    """The payload of a ``basic.publish`` method frame (routing keys repeat: one per compute host)."""
+    return pack(">HH", *spec.Basic.Publish) + dumps("Bssbb", (0, exchange, routing_key, False, False))
+
+
+@functools.cache
+def _properties() -> bytes:
+    """``PROPERTIES`` as a content header carries them (flags, then values), serialized by py-amqp."""
+    return Message(b"", **PROPERTIES)._serialize_properties()
+
+
+def publish_frames(channel_id: int, frame_max: int, exchange: str, routing_key: str, body: bytes) -> bytes:
+    """The frames of one persistent JSON message without headers, as py-amqp's frame writer
+    makes them: method, content header, then the body in frames of at most ``frame_max``."""
+    method = _publish_method(exchange, routing_key)
+    header = pack(">HHQ", spec.Basic.Publish[0], 0, len(body)) + _properties()
+    parts = [pack(">BHI", 1, channel_id, len(method)), method, _FRAME_END,
+             pack(">BHI", 2, channel_id, len(header)), header, _FRAME_END]
+    chunk = frame_max - 8
+    for start in range(0, len(body), chunk):
+        piece = body[start:start + chunk]
+        parts += [pack(">BHI", 3, channel_id, len(piece)), piece, _FRAME_END]
+    return b"".join(parts)
 
 
 class _Frames:
@@ -95,16 +128,20 @@ class BatchPublisher:
             message_headers = {**(headers or {}), **(signed or {})} or None
             if self.confirms:
                 self.pending.add(self.sent)
-                self.write_frame(1, self.channel.channel_id, spec.Basic.Publish,
-                                 dumps("Bssbb", (0, exchange, routing_key, False, False)),
-                                 Message(data, content_type="application/json", content_encoding="utf-8",
-                                         delivery_mode=2, application_headers=message_headers))
+                if message_headers:
+                    self.write_frame(1, self.channel.channel_id, spec.Basic.Publish,
+                                     dumps("Bssbb", (0, exchange, routing_key, False, False)),
+                                     Message(data, application_headers=message_headers, **PROPERTIES))
+                else:
+                    amqp_connection = self.channel.connection
+                    self.frames.write(publish_frames(self.channel.channel_id, amqp_connection.frame_max, exchange,
+                                                     routing_key, data))
+                    amqp_connection.bytes_sent += 1  # as py-amqp's writer counts it, for heartbeats
                 if self.frames.size >= SEND_BYTES:
                     self.channel.connection.transport.write(self.frames.take())
             else:
-                self.producer.publish(data, exchange=exchange, routing_key=routing_key,
-                                      content_type="application/json", content_encoding="utf-8",
-                                      delivery_mode=2, headers=message_headers)
+                self.producer.publish(data, exchange=exchange, routing_key=routing_key, headers=message_headers,
+                                      **PROPERTIES)
             count += 1
         if self.confirms and count:
             if self.frames.size:
