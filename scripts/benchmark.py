@@ -299,8 +299,8 @@ def main() -> None:
     parser.add_argument("--baseline-settings", default="batched", metavar="MODE",
                         help="the batching the baseline runs with (default: batched's, to compare code alone)")
     parser.add_argument("--processes", default="", metavar="STAGE=N,...",
-                        help="worker processes per stage, e.g. validate=2,select=2,compose=2 as deploy/supervisord.conf "
-                             "runs them (default: one per stage)")
+                        help="worker processes per stage, e.g. validate=2,select=2,compose=2 as "
+                             "deploy/supervisord.conf runs them (default: one per stage)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1000, help="ports bound before the clock starts")
     parser.add_argument("--hosts", type=int, default=50)

@@ -95,9 +95,10 @@ def main() -> None:
                     stats.print_callees(os.environ["CALLEES"])
             total += seconds
             total_cpu += cpu
-            print(f"{stage:<9} {seconds / args.ports * 1e6:6.0f} µs/job ({cpu / args.ports * 1e6:.0f} of them Python's CPU)")
-        print(f"{'total':<9} {total / args.ports * 1e6:6.0f} µs/binding ({total_cpu / args.ports * 1e6:.0f} Python's CPU; "
-              f"{args.ports / total:.0f}/s in one process, "
+            per_job = 1e6 / args.ports
+            print(f"{stage:<9} {seconds * per_job:6.0f} µs/job ({cpu * per_job:.0f} of them Python's CPU)")
+        print(f"{'total':<9} {total / args.ports * 1e6:6.0f} µs/binding ({total_cpu / args.ports * 1e6:.0f} Python's "
+              f"CPU; {args.ports / total:.0f}/s in one process, "
               f"{'SQLite' if args.sqlite else 'PostgreSQL'})")
         engine.dispose()
     finally:

@@ -318,7 +318,7 @@ __all__ = [
     "BATCH_SIZE", "BINDINGS", "BINDING_FAILURES", "BINDING_OUTCOMES", "DEAD_LETTERS", "DEAD_LETTER_REASONS",
     "END_TO_END_LATENCY", "EVENT_LOG_LAG", "FAILURE_REASONS", "METRIC_FAMILIES", "PCI_DEVICES", "PCI_STATES",
     "STAGES", "STAGE_DURATION", "STAGE_MESSAGES", "STAGE_OUTCOMES", "WORKER_LAST_LOOP", "bounded",
-    "configure_metrics_dir", "failure_reason_category", "observe_each", "init_stage_series", "make_metrics_server", "mark_dead",
-    "metrics_dir",
+    "configure_metrics_dir", "failure_reason_category", "init_stage_series", "make_metrics_server", "mark_dead",
+    "metrics_dir", "observe_each",
     "reap_dead_processes", "registry_for_export", "serve", "touch_loop",
 ]

@@ -20,6 +20,7 @@ is never allocated again. A later inventory that reports it tracked again un-mar
 """
 
 import collections
+import threading
 from typing import Any
 
 import orjson
@@ -72,13 +73,35 @@ def _load(session: Session, host: str):  # noqa: ANN202
     return _load_hosts(session, [host])[host]
 
 
+class _IdleTrackers:
+    """Parsed idle trackers by inventory version, the least recently used dropped beyond ``kept``
+    (512 hosts of ~65 KiB each, for a PF and 32 VFs). Thread-safe: tests allocate from threads."""
+
+    def __init__(self, kept: int = 512):
+        self.kept, self.lock = kept, threading.Lock()
+        self.entries: collections.OrderedDict[tuple, tuple[PciTracker, dict[str, Any]]] = collections.OrderedDict()
+
+    def get(self, key: tuple) -> tuple[PciTracker, dict[str, Any]] | None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple, entry: tuple[PciTracker, dict[str, Any]]) -> None:
+        with self.lock:
+            self.entries[key] = entry
+            while len(self.entries) > self.kept:
+                self.entries.popitem(last=False)
+
+
 # On PostgreSQL a stored inventory is known by its row version: the transaction that wrote it
 # (``xmin``, never reused while the row lives) and its ``updated_at`` (which tells apart two writes
-# of one transaction). Locking a host reads only that; the inventory itself (~65 KiB a host, a PF
-# and 32 VFs) is read and parsed only when its version is not in ``_IDLE_TRACKERS``.
+# of one transaction). Locking a host reads only that; the inventory itself (~65 KiB a host) is
+# read and parsed only when that version's tracker is not kept. SQLite reads the inventory with
+# the lock, and its content is its version.
 _ROW_VERSION = literal_column("xmin::text")
-_IDLE_TRACKERS: collections.OrderedDict[tuple[str, Any], tuple[PciTracker, dict[str, Any]]] = collections.OrderedDict()
-IDLE_TRACKERS_KEPT = 512  # hosts; ~65 KiB each
+_IDLE_TRACKERS = _IdleTrackers()
 
 
 def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
@@ -86,43 +109,46 @@ def _load_hosts(session: Session, hosts: list[str]) -> dict[str, tuple]:
     as everywhere else, so two workers never wait for each other in a cycle."""
     hosts = sorted(set(hosts))
     postgres = session.get_bind().dialect.name == "postgresql"
-    version = _ROW_VERSION if postgres else HostInventoryRow.inventory  # SQLite: the content is the version
-    locked = {host: (host, token, updated_at) for host, token, updated_at in session.execute(
-        select(HostInventoryRow.host, version, HostInventoryRow.updated_at)
-        .where(among(session, HostInventoryRow.host, hosts)).order_by(HostInventoryRow.host).with_for_update())}
-    keys = {host: key if postgres else (host, orjson.dumps(key[1])) for host, key in locked.items()}
-    missing = [host for host, key in keys.items() if key not in _IDLE_TRACKERS]
-    if missing:
-        stored = (dict(session.execute(select(HostInventoryRow.host, HostInventoryRow.inventory)
-                                       .where(among(session, HostInventoryRow.host, missing))).all())
-                  if postgres else {host: locked[host][1] for host in missing})
-        for host in missing:
-            _IDLE_TRACKERS[keys[host]] = _idle_tracker(stored[host] or {})
-            while len(_IDLE_TRACKERS) > IDLE_TRACKERS_KEPT:
-                _IDLE_TRACKERS.popitem(last=False)
+    keys: dict[str, tuple] = {}
+    inventories: dict[str, Any] = {}
+    for host, version, updated_at in session.execute(
+            select(HostInventoryRow.host, _ROW_VERSION if postgres else HostInventoryRow.inventory,
+                   HostInventoryRow.updated_at)
+            .where(among(session, HostInventoryRow.host, hosts)).order_by(HostInventoryRow.host).with_for_update()):
+        if postgres:
+            keys[host] = (host, version, updated_at)
+        else:
+            keys[host], inventories[host] = (host, orjson.dumps(version)), version
+    idle = {host: _IDLE_TRACKERS.get(key) for host, key in keys.items()}
+    missing = [host for host, entry in idle.items() if entry is None]
+    if missing and postgres:
+        inventories = dict(session.execute(select(HostInventoryRow.host, HostInventoryRow.inventory)
+                                           .where(among(session, HostInventoryRow.host, missing))).all())
+    for host in missing:
+        idle[host] = _idle_tracker(inventories[host] or {})
+        _IDLE_TRACKERS.put(keys[host], idle[host])
     devices: dict[str, DeviceStates] = {}
     for host, address, status, owner in session.execute(
-            select(*STATE_COLUMNS).where(among(session, PciDeviceRow.host, locked))
+            select(*STATE_COLUMNS).where(among(session, PciDeviceRow.host, keys))
             .order_by(PciDeviceRow.host, PciDeviceRow.address)):
         devices.setdefault(host, {})[address] = (status, owner)
     loaded: dict[str, tuple] = {}
     for host in hosts:
-        if host not in keys:
+        if host not in idle:
             loaded[host] = (None, {}, {})
             continue
-        _IDLE_TRACKERS.move_to_end(keys[host])
-        idle, pending = _IDLE_TRACKERS[keys[host]]
+        tracker, pending = idle[host]
         rows = devices.get(host, {})
-        tracker = idle.with_state({a: status for a, (status, _) in rows.items()},
-                                  {a: owner for a, (_, owner) in rows.items() if owner})
-        loaded[host] = (tracker, rows, dict(pending))
+        loaded[host] = (tracker.with_state({a: status for a, (status, _) in rows.items()},
+                                           {a: owner for a, (_, owner) in rows.items() if owner}),
+                        rows, dict(pending))
     return loaded
 
 
 def _idle_tracker(stored: dict[str, Any]) -> tuple[PciTracker, dict[str, dict[str, Any] | None]]:
     """The idle tracker of a stored inventory (and its devices pending removal): parsing an
     inventory and matching its devices to the device spec cost ~0.2 ms a host, so it is kept
-    (``_IDLE_TRACKERS``) for as long as the inventory is."""
+    (``_IDLE_TRACKERS``) for as long as the inventory does not change."""
     inventory, pending = _parse_inventory(stored)
     return PciTracker.from_inventory(inventory), pending
 
