@@ -330,11 +330,18 @@ class Worker(ConsumerProducerMixin):
 
     def dead_letter(self, stage: str, message: Message, poison: PoisonMessage) -> None:
         """Record why, then reject without requeue: RabbitMQ routes it to the stage's DLQ. A message
-        redelivered because a crash came between the record and the reject is recorded once."""
+        redelivered because a crash came between the record and the reject is recorded once. A new
+        copy of a refused event recorded before (the same event id and body, e.g. its publisher
+        retried) is acked instead: refused once, as a duplicate of a good event is handled once."""
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
         redelivered = bool((message.delivery_info or {}).get("redelivered"))
-        self.record_dead_letter(stage, body.decode("utf-8", errors="replace"), poison, redelivered=redelivered)
-        self.settle(message, partial(message.reject, requeue=False))
+        new = self.record_dead_letter(stage, body.decode("utf-8", errors="replace"), poison, redelivered=redelivered)
+        if new or redelivered:
+            self.settle(message, partial(message.reject, requeue=False))
+            return
+        log.info("copy of a dead-lettered event dropped", stage=stage, event_id=poison.event_id)
+        metrics.STAGE_MESSAGES.labels(stage=stage, outcome="duplicate").inc()
+        self.settle(message, message.ack)
 
     def dead_letter_item(self, handler: StageHandler, item: Any, poison: PoisonMessage) -> None:
         """One poison job of a many-job hand-off: recorded (with an empty mark, so a redelivered
@@ -344,14 +351,18 @@ class Worker(ConsumerProducerMixin):
         self.record_dead_letter(handler.stage, orjson.dumps(body).decode(), poison, mark=handler.key(item))
 
     def record_dead_letter(self, stage: str, body: str, poison: PoisonMessage, redelivered: bool = False,
-                           mark: str | None = None) -> None:
-        """The dead letter, and for a refused event naming a port a ``binding_failed`` result."""
+                           mark: str | None = None) -> bool:
+        """The dead letter, and for a refused event naming a port a ``binding_failed`` result;
+        False when it was recorded before (then only its unpublished refusals are sent again). One
+        with an event id is looked for by it (indexed) every time, one without only if redelivered."""
         row = DeadLetter(stage=stage, reason=f"{poison.category}: {poison.reason}", event_id=poison.event_id,
                          port_id=poison.port_id, body=body[:65536])
+        before = select(DeadLetter.id).where(DeadLetter.stage == stage, DeadLetter.body == row.body).limit(1)
+        if poison.event_id is not None:
+            before = before.where(DeadLetter.event_id == poison.event_id)
 
         def record(session: Session) -> tuple[bool, list[Publish]]:
-            if redelivered and session.scalar(select(DeadLetter.id).where(
-                    DeadLetter.stage == stage, DeadLetter.body == row.body).limit(1)) is not None:
+            if (redelivered or poison.event_id is not None) and session.scalar(before) is not None:
                 return False, unpublished_refusals(session, poison)
             session.add(row)
             if mark is not None:
@@ -362,13 +373,13 @@ class Worker(ConsumerProducerMixin):
         new, results = run_transaction(self.engine, record)
         if results:
             self.publish(results)
-        if not new:
-            return
-        log.warning("dead-lettered", stage=stage, reason=row.reason, event_id=poison.event_id,
-                    port_id=poison.port_id)
-        metrics.DEAD_LETTERS.labels(stage=stage, reason=metrics.bounded(poison.category,
-                                                                        metrics.DEAD_LETTER_REASONS)).inc()
-        metrics.STAGE_MESSAGES.labels(stage=stage, outcome="dead_lettered").inc()
+        if new:
+            log.warning("dead-lettered", stage=stage, reason=row.reason, event_id=poison.event_id,
+                        port_id=poison.port_id)
+            metrics.DEAD_LETTERS.labels(stage=stage, reason=metrics.bounded(poison.category,
+                                                                            metrics.DEAD_LETTER_REASONS)).inc()
+            metrics.STAGE_MESSAGES.labels(stage=stage, outcome="dead_lettered").inc()
+        return new
 
 
 def tune_gc() -> None:

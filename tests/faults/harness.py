@@ -39,7 +39,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -495,9 +495,12 @@ class Publisher:
         self.ledger.sent(envelopes)
 
     def publish_raw(self, body: bytes, exchange: str, routing_key: str, content_type: str,
-                    content_encoding: str, headers: dict[str, Any] | None = None) -> None:
+                    content_encoding: str, headers: dict[str, Any] | None = None) -> int:
+        """Publish until confirmed; how many publishes that took (each may have reached the broker)."""
+        attempts = 0
         with self.lock:
             while True:
+                attempts += 1
                 try:
                     if self.raw is None:
                         self.raw = Connection(self.settings.broker_url, transport_options={"confirm_publish": True})
@@ -505,7 +508,7 @@ class Publisher:
                     Producer(self.raw.default_channel).publish(
                         body, exchange=exchange, routing_key=routing_key, content_type=content_type,
                         content_encoding=content_encoding, delivery_mode=2, headers=headers)
-                    return
+                    return attempts
                 except Exception:  # noqa: BLE001
                     self.retries += 1
                     self._drop()
@@ -974,10 +977,13 @@ class Run:
         return retrying("database query", attempt)
 
     def inject_hostile(self, count: int) -> int:
-        chunk = self.hostile[self.hostile_sent:self.hostile_sent + count]
+        first = self.hostile_sent
+        chunk = self.hostile[first:first + count]
         self.hostile_sent += len(chunk)
-        for _, message in chunk:
-            self.publisher.publish_raw(**message)
+        for number, (expected, message) in enumerate(chunk, start=first):
+            copies = self.publisher.publish_raw(**message)
+            if copies > 1:
+                self.hostile[number] = (replace(expected, copies=copies), message)
         return len(chunk)
 
     def race_round(self, name: str) -> checker.RaceRound:

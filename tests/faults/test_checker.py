@@ -110,3 +110,17 @@ def test_race_rounds_need_exactly_as_many_winners_as_devices():
     bodies[1]["pci_device"] = {"address": "0000:81:10.0"}  # two winners, one device
     summary = check({}, [ReceivedResult("race", b) for b in bodies], DbState(), {}, races=[exact])
     assert summary["race_rounds_exact"] == 0 and summary["race_rounds"][0]["device_given_twice"] == ["0000:81:10.0"]
+
+
+def test_a_hostile_message_the_harness_sent_twice_may_be_dead_lettered_twice():
+    """A publish whose confirm a fault swallowed is sent again: both copies may have arrived, and a
+    message without a readable event id is each time a message of its own."""
+    twice = HostileMessage("HOSTILE-00003-0000000d", "bad_json", "validate", "bad_json", copies=2)
+    rows = [DeadLetterData(n, "validate", "bad_json: body is not JSON", None, '{"x": "HOSTILE-00003-0000000d')
+            for n in (1, 2)]
+    dlq = [DlqMessage("binding.validate.dlq", twice.marker.encode(), {"x-first-death-reason": "rejected"})] * 2
+    deliveries = [Delivery(twice.marker, "validate", 10, 0, 1.0), Delivery(twice.marker, "validate", 10, 0, 1.2)]
+    summary = check({}, [], DbState(dead_letters=rows), {}, hostile=[twice], deliveries=deliveries, dlq=dlq)
+    assert summary["hostile_problems"] == 0 and summary["hostile_redeliveries_unexplained"] == 0
+    thrice = check({}, [], DbState(dead_letters=rows * 2), {}, hostile=[twice], deliveries=deliveries, dlq=dlq)
+    assert thrice["hostile_problems"] == 1  # four rows for two copies
