@@ -77,7 +77,7 @@ def main() -> None:
         encode = [orjson.dumps(e.model_dump(mode="json")) for e in topology(client, 50, 20)]
         run_stage(engine, handlers["validate"], encode, args.batch)
         bodies = [orjson.dumps(e.model_dump(mode="json")) for e in ports(client, 0, args.ports, 50, 20)]
-        tune_gc()  # as a worker does once started
+        tune_gc(args.batch)  # as a worker does once started
         total = total_cpu = 0.0
         for stage in STAGES:
             per_batch = args.batch if stage == "validate" else max(1, args.batch // HANDOFF_JOBS)
