@@ -162,6 +162,11 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (sum(ticks) - ticks[3] - ticks[4]) / clock, sum(ticks) / clock
 
 
+def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """How busy the machine's CPUs were between two ``machine_busy_seconds`` readings."""
+    return (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
+
+
 def wait_quiet(threshold: float = 0.15, window: float = 0.5, limit: float = 60.0) -> None:
     """Until the machine's CPUs are nearly idle over ``window`` seconds (or ``limit`` has passed):
     RabbitMQ goes on freeing a deleted vhost's queues after the previous run, which otherwise
@@ -170,8 +175,7 @@ def wait_quiet(threshold: float = 0.15, window: float = 0.5, limit: float = 60.0
     while time.monotonic() < deadline:
         before = machine_busy_seconds()
         time.sleep(window)
-        after = machine_busy_seconds()
-        if (after[0] - before[0]) / max(after[1] - before[1], 1e-9) < threshold:
+        if busy_share(before, machine_busy_seconds()) < threshold:
             return
 
 
@@ -262,8 +266,7 @@ def run_mode(mode: str, count: int, hosts: int, sriov_hosts: int, warmup: int = 
             key = name.rsplit("-", 1)[0] if name not in ("rabbitmq", "postgres") else name
             cpu[key] = cpu.get(key, 0.0) + cpu_after[name] - cpu_before[name]
         own = cpu_seconds(os.getpid()) - own_before
-        machine_after = machine_busy_seconds()
-        busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
+        busy = busy_share(machine_before, machine_busy_seconds())
         rss = {name: round(peak_rss_mib(p.pid), 1) for name, p in workers.items()}
         with Session(engine) as session:
             latencies = sorted((r.created_at - e.occurred_at).total_seconds() for r, e in session.execute(
