@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     agent_down_time: int = Field(75, ge=1, description="seconds without heartbeat before an agent is dead")
     heartbeat: int = Field(30, ge=0, description="AMQP heartbeat in seconds")
+    confirm_timeout: float = Field(10.0, gt=0, description="seconds to wait for the broker to confirm a batch")
+    transaction_retry_seconds: float = Field(
+        5.0, ge=0, description="how long a worker retries a transaction that met a transient error before it holds "
+        "the batch (kept in hand, unacked) and tries again later")
+    hold_backoff_min: float = Field(0.5, gt=0, description="first pause before a held batch is tried again")
+    hold_backoff_max: float = Field(10.0, gt=0, description="longest pause between tries of a held batch")
     signing_keys: dict[str, SecretStr] = Field(default_factory=dict, description="key id -> HMAC secret")
     require_signatures: bool = False
     signing_key_id: str | None = Field(None, description="the key this process signs what it publishes with")

@@ -33,8 +33,8 @@ def stage_queue(stage: str, settings: Settings, no_declare: bool = False) -> Que
                  queue_arguments=queue_arguments(settings, stage))
 
 
-def dead_letter_queue(stage: str, settings: Settings) -> Queue:
-    return Queue(f"binding.{stage}.dlq", DEAD_LETTERS, routing_key=stage, durable=True,
+def dead_letter_queue(stage: str, settings: Settings, no_declare: bool = False) -> Queue:
+    return Queue(f"binding.{stage}.dlq", DEAD_LETTERS, routing_key=stage, durable=True, no_declare=no_declare,
                  queue_arguments=queue_arguments(settings))
 
 
