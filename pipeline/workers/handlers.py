@@ -32,7 +32,7 @@ from pipeline.store import pci as pci_store
 from pipeline.store import topology as topo
 from pipeline.store.marks import add_marks, record_events, stored_outputs
 from pipeline.workers.messages import PoisonMessage, Publish, decode_envelope, decode_jobs, job_json
-from pipeline.workers.signing import check_signature
+from pipeline.workers.signing import check_roles, check_signature
 from pipeline.workers.topology import RESULTS, STAGE_EXCHANGE, host_routing_key
 
 
@@ -123,7 +123,7 @@ class ValidateHandler(StageHandler):
     def decode(self, body: bytes | str, headers: dict[str, Any] | None = None) -> list[Envelope]:
         """The envelope, after its signature is checked (before anything is stored)."""
         check_signature(body, headers or {}, self.settings)
-        return [decode_envelope(body, self.settings.max_body_bytes)]
+        return [check_roles(decode_envelope(body, self.settings.max_body_bytes), headers or {}, self.settings)]
 
     def key(self, item: Envelope) -> str:
         return item.key
