@@ -12,6 +12,8 @@ STAGES = ("validate", "select", "allocate", "compose")
 EVENTS = Exchange("binding.events", type="topic", durable=True)
 STAGE_EXCHANGE = Exchange("binding.stages", type="direct", durable=True)
 RESULTS = Exchange("binding.results", type="topic", durable=True)
+# What clients bind to: only checked, as compute hosts and publishers may not configure it.
+RESULTS_PASSIVE = Exchange("binding.results", type="topic", durable=True, passive=True)
 DEAD_LETTERS = Exchange("binding.dlx", type="direct", durable=True)
 
 
@@ -42,10 +44,32 @@ def host_routing_key(host: str) -> str:
     return f"host.{host}"
 
 
+def results_queue_name(host: str) -> str:
+    return f"binding.results.{host}"
+
+
 def results_queue(host: str, settings: Settings) -> Queue:
     """A compute host's own durable queue of results."""
-    return Queue(f"binding.results.{host}", RESULTS, routing_key=host_routing_key(host), durable=True,
+    return Queue(results_queue_name(host), RESULTS, routing_key=host_routing_key(host), durable=True,
                  queue_arguments=queue_arguments(settings))
+
+
+def existing_results_queue(connection: Connection, host: str, settings: Settings) -> Queue:
+    """The host's results queue, to consume without declaring anything. The operator creates it
+    (``bindpipe broker add-compute-host``), as the host's own broker user may only read it; where it
+    is missing (a development broker) it is declared here, which needs configure permission."""
+    queue = results_queue(host, settings)
+    channel = connection.channel()
+    try:
+        queue(channel).queue_declare(passive=True)
+    except connection.channel_errors as exc:
+        if str(getattr(exc, "reply_code", "")) != "404":
+            raise
+        channel = connection.channel()  # the broker closed the other one
+        queue(channel).declare()
+    finally:
+        channel.close()
+    return Queue(queue.name, RESULTS_PASSIVE, routing_key=queue.routing_key, no_declare=True)
 
 
 def declare_topology(connection: Connection, settings: Settings) -> None:
