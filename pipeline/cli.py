@@ -148,7 +148,8 @@ def declare() -> None:
     from pipeline.workers.topology import declare_topology
 
     settings = _settings()
-    with Connection(settings.broker_url, ssl=settings.broker_ssl_options()) as connection:
+    with _broker_refusals("declare", "it needs configure permission: run it as the broker's administrator"), \
+            Connection(settings.broker_url, ssl=settings.broker_ssl_options()) as connection:
         declare_topology(connection, settings)
     typer.echo("declared binding.events, binding.stages, binding.results, binding.dlx and the stage queues")
 

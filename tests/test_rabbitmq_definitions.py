@@ -540,7 +540,8 @@ def test_each_role_runs_its_documented_commands(tmp_path: Path, pg_url: str, pg_
             assert all("messages" in depth for depth in queues.values()), queues
 
         # A command run as the wrong user says so in one line.
-        for args, env, refused in [(("replay", "events"), as_worker, "binding.events"),
+        for args, env, refused in [(("declare",), as_worker, "binding.events"),
+                                   (("replay", "events"), as_worker, "binding.events"),
                                    (("replay", "results", "--host", host), as_publisher, "binding.results"),
                                    (("watch", "--host", host, "--timeout", "1"), as_publisher, broker.queue("a"))]:
             done = bindpipe(*args, **env)
