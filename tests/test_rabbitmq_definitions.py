@@ -547,3 +547,15 @@ def test_each_role_runs_its_documented_commands(tmp_path: Path, pg_url: str, pg_
             done = bindpipe(*args, **env)
             assert done.returncode == 2 and "ACCESS_REFUSED" in done.stderr and refused in done.stderr, done
             assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+        # The host's user cannot make a queue the operator deleted; an administrator (a development
+        # broker) gets one made by `bindpipe watch`.
+        channel = broker.connect("admin").channel()
+        channel.queue_delete(broker.queue("a"))
+        done = bindpipe("watch", "--host", host, "--timeout", "1", **as_compute)
+        refusal = f"Queue.declare: (403) ACCESS_REFUSED - access to queue '{broker.queue('a')}'"
+        assert done.returncode == 2 and refusal in done.stderr, done
+        assert f"bindpipe broker add-compute-host {host}" in done.stderr and "Traceback" not in done.stderr
+        done = bindpipe("watch", "--host", "dev-host", "--timeout", "1", BINDPIPE_BROKER_URL=broker.url("admin"))
+        assert done.returncode == 0 and done.stdout == "", done
+        assert channel.queue_declare("binding.results.dev-host", passive=True).queue == "binding.results.dev-host"

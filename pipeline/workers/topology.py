@@ -48,28 +48,29 @@ def results_queue_name(host: str) -> str:
     return f"binding.results.{host}"
 
 
-def results_queue(host: str, settings: Settings) -> Queue:
-    """A compute host's own durable queue of results."""
-    return Queue(results_queue_name(host), RESULTS, routing_key=host_routing_key(host), durable=True,
-                 queue_arguments=queue_arguments(settings))
+def results_queue(host: str, settings: Settings, exchange: Exchange = RESULTS, no_declare: bool = False) -> Queue:
+    """A compute host's own durable queue of results (``exchange``: ``RESULTS_PASSIVE`` to only
+    check the exchange)."""
+    return Queue(results_queue_name(host), exchange, routing_key=host_routing_key(host), durable=True,
+                 no_declare=no_declare, queue_arguments=queue_arguments(settings))
 
 
 def existing_results_queue(connection: Connection, host: str, settings: Settings) -> Queue:
     """The host's results queue, to consume without declaring anything. The operator creates it
     (``bindpipe broker add-compute-host``), as the host's own broker user may only read it; where it
-    is missing (a development broker) it is declared here, which needs configure permission."""
-    queue = results_queue(host, settings)
+    is missing (a development broker) it is declared here, which needs configure permission on it."""
+    queue = results_queue(host, settings, RESULTS_PASSIVE)
     channel = connection.channel()
     try:
         queue(channel).queue_declare(passive=True)
     except connection.channel_errors as exc:
         if str(getattr(exc, "reply_code", "")) != "404":
             raise
-        channel = connection.channel()  # the broker closed the other one
-        queue(channel).declare()
+        with connection.channel() as fresh:  # the broker closed the other one
+            queue(fresh).declare()
     finally:
         channel.close()
-    return Queue(queue.name, RESULTS_PASSIVE, routing_key=queue.routing_key, no_declare=True)
+    return results_queue(host, settings, RESULTS_PASSIVE, no_declare=True)
 
 
 def declare_topology(connection: Connection, settings: Settings) -> None:
