@@ -117,10 +117,10 @@ def renamed_users(definitions: dict, tag: str) -> dict:
 
 
 @contextlib.contextmanager
-def isolated_import(tmp_path: Path, passwords: dict[str, str] | None = None, hosts: tuple[str, ...] = ()
-                    ) -> Iterator[Broker]:
-    """Apply a copy of the definitions to a fresh vhost with apply-definitions.sh, register
-    ``hosts``; delete it all afterwards."""
+def isolated_import(tmp_path: Path, passwords: dict[str, str] | None = None, hosts: tuple[str, ...] = (),
+                    options: tuple[str, ...] = ()) -> Iterator[Broker]:
+    """Apply a copy of the definitions to a fresh vhost with apply-definitions.sh (and ``options``),
+    register ``hosts``; delete it all afterwards."""
     url = urlsplit(require_rabbitmq())
     require_rabbitmqctl()
     tag = uuid.uuid4().hex[:10]
@@ -135,8 +135,8 @@ def isolated_import(tmp_path: Path, passwords: dict[str, str] | None = None, hos
                     {**users, "admin": url.username or "guest"},
                     {**DEV_PASSWORDS, "admin": url.password or "guest"}, created=list(users.values()))
     try:
-        applied = subprocess.run([str(APPLY), "--vhost", vhost, str(path)], env=env, capture_output=True, text=True,
-                                 timeout=120)
+        applied = subprocess.run([str(APPLY), "--vhost", vhost, *options, str(path)], env=env, capture_output=True,
+                                 text=True, timeout=120)
         assert applied.returncode == 0, applied.stderr
         for name in hosts:
             added = broker.add_host(name, secrets.token_urlsafe(12))
@@ -372,6 +372,21 @@ def test_the_operators_admin_still_manages_the_vhost(broker: Broker) -> None:
     assert channel.queue_declare("binding.compose.dlq", passive=True).message_count >= 0
     channel.queue_purge("binding.compose.dlq")
     channel.close()
+
+
+def test_a_named_admin_instead_of_the_nodes_administrators(tmp_path: Path) -> None:
+    admin, password = f"t{uuid.uuid4().hex[:10]}.operator", secrets.token_urlsafe(12)
+    rabbitmqctl("add_user", admin, password)
+    try:
+        with isolated_import(tmp_path, options=("--admin", admin)) as imported:
+            permissions = rabbitmqctl("list_permissions", "-p", imported.vhost).stdout.splitlines()
+            assert f"{admin}\t.*\t.*\t.*" in permissions
+            assert not any(line.startswith(f"{imported.users['admin']}\t") for line in permissions)
+            imported.users["operator"], imported.passwords["operator"] = admin, password
+            done = bindpipe("declare", BINDPIPE_BROKER_URL=imported.url("operator"))
+            assert done.returncode == 0, done.stderr
+    finally:
+        rabbitmqctl("delete_user", admin, check=False)
 
 
 def test_the_definitions_go_into_the_vhost_given(broker: Broker) -> None:
