@@ -9,7 +9,7 @@ import os
 import ssl
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from pipeline.models.binding import DriverConfig
@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     signing_keys: dict[str, SecretStr] = Field(default_factory=dict, description="key id -> HMAC secret")
     require_signatures: bool = False
     signing_key_id: str | None = Field(None, description="the key this process signs what it publishes with")
+    signing_key_roles: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="key id -> the roles an "
+                                                           "event signed with it may assert (none if not listed)")
     declare_topology: bool = Field(True, description="declare exchanges and queues at start; false for a "
                                    "least-privilege broker user (the definitions file declares them)")
     broker_tls: bool = False
@@ -53,6 +55,15 @@ class Settings(BaseSettings):
     broker_key_file: str | None = None
     metrics_dir: str | None = None
     log_format: Literal["json", "console"] = "console"
+
+    @model_validator(mode="after")
+    def _every_verified_key_has_roles(self) -> "Settings":
+        """Where signatures are required, a key without an entry could assert no role at all: that
+        is an upgrade's missing setting far more often than an intent, so say so at start."""
+        if self.require_signatures and (missing := sorted(set(self.signing_keys) - set(self.signing_key_roles))):
+            raise ValueError(f"signing_key_roles: no entry for signing key(s) {missing}: list the roles each key "
+                             "may assert in an event's context ([] for none)")
+        return self
 
     def driver_config(self) -> DriverConfig:
         return self.ml2.model_copy(update={"mechanism_drivers": tuple(self.mechanism_drivers)})

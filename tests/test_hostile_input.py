@@ -119,7 +119,8 @@ def test_hostile_messages_end_after_one_delivery_and_do_not_hold_up_others(setti
 def test_signatures_are_required_and_checked(pg_url, amqp_url, pg_engine):
     keys = {"nova": "nova-secret-value", "other": "other-secret-value"}
     worker_settings = Settings(broker_url=amqp_url, database_url=pg_url, signing_keys=keys,
-                               require_signatures=True, batch_wait_ms=2)
+                               signing_key_roles={"nova": ["service"], "other": []}, require_signatures=True,
+                               batch_wait_ms=2)
     nova = Settings(broker_url=amqp_url, database_url=pg_url, signing_keys=keys, signing_key_id="nova")
     port = {"id": "p1", "network_id": "net-1", "host": "h1", "vnic_type": "normal"}
     with running_worker(worker_settings, pg_engine), bus_client(nova) as signed, \
@@ -148,6 +149,34 @@ def test_signatures_are_required_and_checked(pg_url, amqp_url, pg_engine):
     assert not any(secret in r for r in reasons for secret in keys.values())
     with Session(pg_engine) as session:  # nothing of a refused event was stored as a port
         assert session.scalar(select(ResultRow.port_id).where(ResultRow.port_id == "unsigned")) is None
+
+
+def test_a_signing_key_may_assert_only_its_roles(pg_url, amqp_url, pg_engine):
+    """A key holder who signs a context claiming a role its key is not given is refused, and the
+    port's host hears why; what a key may assert passes."""
+    keys = {"nova": "nova-secret-value", "agent": "agent-secret-value"}
+    worker_settings = Settings(broker_url=amqp_url, database_url=pg_url, signing_keys=keys, require_signatures=True,
+                               signing_key_roles={"nova": ["service"], "agent": ["member"]}, batch_wait_ms=2)
+    signer = {key: Settings(broker_url=amqp_url, signing_keys={key: secret}, signing_key_id=key)
+              for key, secret in keys.items()}
+    service = RequestContext(user_id="nova", project_id="service", roles=["service"])
+    member = RequestContext(user_id="bob", project_id="p", roles=["member"])
+    port = {"network_id": "net-1", "host": "h1", "vnic_type": "normal"}
+    with running_worker(worker_settings, pg_engine), bus_client(signer["nova"]) as nova, \
+            BindingClient(settings=signer["agent"]) as agent_key, nova.results_for("h1") as results:
+        nova.publish_envelopes([nova.envelope("network.upsert", NETWORK),
+                                nova.envelope("agent.report", agent(OVS_AGENT, host="h1"))])
+        agent_key.publish("port.create", {**port, "id": "agent-as-service"}, context=service)
+        agent_key.publish("port.create", {**port, "id": "agent-as-member"}, context=member)
+        nova.publish("port.create", {**port, "id": "nova-as-service"}, context=service)
+        refused = results.wait(port_id="agent-as-service", timeout=30)
+        allowed = [results.wait(port_id=p, timeout=30) for p in ("agent-as-member", "nova-as-service")]
+        wait_until(lambda: len(dead_letters(pg_engine)) == 1)
+    assert [r["vif_type"] for r in allowed] == ["ovs", "ovs"]
+    assert refused["error"] == ("Refused: bad_signature: signing key 'agent' may not assert the role(s) ['service']: "
+                                "BINDPIPE_SIGNING_KEY_ROLES gives it ['member']")
+    [letter] = dead_letters(pg_engine)
+    assert letter.port_id == "agent-as-service" and letter.reason == refused["error"].removeprefix("Refused: ")
 
 
 def test_forged_contexts_cannot_write_the_profile(settings, pg_engine):

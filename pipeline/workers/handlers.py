@@ -35,7 +35,7 @@ from pipeline.store import pci as pci_store
 from pipeline.store import topology as topo
 from pipeline.store.marks import add_marks, record_events, stored_outputs
 from pipeline.workers.messages import Publish, check_content_type, decode_envelope, decode_jobs, job_json
-from pipeline.workers.signing import check_signature
+from pipeline.workers.signing import check_roles, check_signature
 from pipeline.workers.topology import RESULTS, STAGE_EXCHANGE, host_routing_key
 
 
@@ -160,7 +160,7 @@ class ValidateHandler(StageHandler):
         """The envelope, after its signature and content type are checked (before anything is stored)."""
         check_signature(body, headers or {}, self.settings)
         check_content_type(content_type)
-        return [decode_envelope(body, self.settings.max_body_bytes)]
+        return [check_roles(decode_envelope(body, self.settings.max_body_bytes), headers or {}, self.settings)]
 
     def key(self, item: Envelope) -> str:
         return item.key
