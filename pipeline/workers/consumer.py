@@ -479,23 +479,21 @@ class Worker(ConsumerProducerMixin):
             redelivered=bool((message.delivery_info or {}).get("redelivered")),
             redrive_of=int(redrive_of) if isinstance(redrive_of, int | str) and str(redrive_of).isdigit() else None)
 
-        poison = refused.poison
-        # a port named by the decoder is told of its refusal; one named only in a body the decoder
-        # did not trust (a bad signature) or never read (from a DLQ) is recorded, not told
-        tell = stage == "validate" and poison.port_id is not None
-        if stage == "validate" and poison.event_id is None and poison.port_id is None:
-            event_id, port_id, _ = peek_identity(body)
-            poison = PoisonMessage(poison.category, poison.reason, event_id, port_id)
 
         def record(session: Session) -> tuple[Any, list[Publish]]:
-            earlier, judged = dead_letter_store.find_earlier(session, arrival, poison)
+            earlier, poison = dead_letter_store.find_earlier(session, arrival, refused.poison)
             if earlier is not None:
-                return None, unpublished_refusals(session, judged)
-            row = dead_letter_store.add(session, arrival, judged)
+                return None, unpublished_refusals(session, poison)
+            # a port the decoder named is told of its refusal; the ids of a body it did not trust (a
+            # bad signature) or never read (from a DLQ) are only recorded, for `dlq list` and `explain`
+            tell = stage == "validate" and poison.port_id is not None
+            if stage == "validate" and poison.event_id is None and poison.port_id is None:
+                poison = PoisonMessage(poison.category, poison.reason, *peek_identity(body)[:2])
+            row = dead_letter_store.add(session, arrival, poison)
             if refused.mark is not None:
                 add_marks(session, stage, {refused.mark: []})
-            result = poison_refusal(session, judged) if tell and judged.port_id is not None else None
-            return (row.id, judged), [result] if result is not None else []
+            result = poison_refusal(session, poison) if tell else None
+            return (row.id, poison), [result] if result is not None else []
 
         return run_transaction(self.engine, record, self.settings.transaction_retry_seconds)
 
