@@ -74,9 +74,10 @@ def _port_event_ids(session: Session, port_id: str) -> set[str]:
                   if job_id.partition(":")[2] == port_id}
 
 
-def _job_in(output: list[dict[str, Any]] | None, job_id: str) -> BindingJob | None:
+def _job_in(output: list[Any] | None, job_id: str) -> BindingJob | None:
+    """The job a stage handed on, in its mark (which keeps results as their seqs, hand-offs whole)."""
     for publish in output or []:
-        if publish["body"].get("job_id") == job_id:
+        if isinstance(publish, dict) and publish["body"].get("job_id") == job_id:
             return BindingJob.model_validate(publish["body"])
     return None
 

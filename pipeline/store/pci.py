@@ -305,12 +305,14 @@ def _remove_freed(session: Session, inventory_row: HostInventoryRow, rows: Devic
     session.flush()
 
 
-def device_holders(session: Session, port_ids: list[str]) -> set[str]:
-    """Which of ``port_ids`` hold a device (on any host)."""
-    if not port_ids:
-        return set()
-    return set(session.scalars(select(PciDeviceRow.owner_port_id)
-                               .where(among(session, PciDeviceRow.owner_port_id, port_ids))))
+def device_holders(session: Session, port_ids: list[str]) -> dict[str, set[str]]:
+    """Which of ``port_ids`` hold a device, and on which hosts."""
+    held: dict[str, set[str]] = {}
+    if port_ids:
+        for port_id, host in session.execute(select(PciDeviceRow.owner_port_id, PciDeviceRow.host)
+                                             .where(among(session, PciDeviceRow.owner_port_id, port_ids))):
+            held.setdefault(port_id, set()).add(host)
+    return held
 
 
 class HostCache:

@@ -178,6 +178,16 @@ def save_bindings(session: Session, bindings: dict[tuple[str, str], dict[str, An
     insert_rows(session, table, kept, on_conflict="update")
 
 
+def lock_bindings(session: Session, port_ids: list[str]) -> set[tuple[str, str]]:
+    """The ``(port, host)`` bindings of ``port_ids``, locked (in key order) until the transaction ends:
+    two jobs of a deleted port (no port row left to lock) see each other's changes."""
+    if not port_ids:
+        return set()
+    return set(session.execute(select(BindingRow.port_id, BindingRow.host)
+                               .where(among(session, BindingRow.port_id, port_ids))
+                               .order_by(BindingRow.port_id, BindingRow.host).with_for_update()).all())
+
+
 def bindings_of(session: Session, port_ids: list[str]) -> list[BindingRow]:
     """Every binding (any host) of ``port_ids``."""
     if not port_ids:

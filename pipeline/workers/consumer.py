@@ -126,6 +126,8 @@ class Worker(ConsumerProducerMixin):
                     self.should_stop = True
                 raise
             self.connections_made += 1
+            if self.connections_made > 1:
+                log.warning("reconnected to the broker; deliveries not acked came back", times=self.connections_made)
             self.consuming = conn  # the mixin consumes on a clone of ``self.connection``
             yield conn
 

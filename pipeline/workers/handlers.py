@@ -110,8 +110,9 @@ class StageHandler:
         return batch
 
     def mark_output(self, produced: list[Publish]) -> list[Any]:
-        """What the mark keeps of a job's output: enough for ``redelivered`` to send it again."""
-        return [p.as_json() for p in produced]
+        """What the mark keeps of a job's output, enough for ``redelivered`` to send it again: a
+        result's seq (the results table holds it whole), a hand-off whole."""
+        return [p.body["seq"] if p.exchange == RESULTS.name else p.as_json() for p in produced]
 
     def conflict_with_copy(self, first: Any, copy: Any) -> PoisonMessage | None:
         """Why ``copy``, which shares ``first``'s key, is not the same message (None: it is)."""
@@ -138,8 +139,17 @@ class StageHandler:
         host = item.port.host if item.port is not None else item.old_host
         return {"event_id": item.event_id, "port_id": item.port_id, "host": host}
 
-    def redelivered(self, session: Session, previous: list[dict[str, Any]]) -> list[Publish]:
-        return [Publish.from_json(p) for p in previous]
+    def redelivered(self, session: Session, previous: list[Any]) -> list[Publish]:
+        """What a mark says was handed on, again: the results not confirmed as published yet (the
+        relay would send them too) first, as the first time, then the hand-offs. (A mark written
+        before results were kept as seqs holds the result messages whole.)"""
+        seqs = [p if isinstance(p, int) else p["body"]["seq"] for p in previous
+                if isinstance(p, int) or p["exchange"] == RESULTS.name]
+        unpublished = resent(session.scalars(select(ResultRow).where(among(session, ResultRow.seq, seqs),
+                                                                     ResultRow.published_at.is_(None))
+                                             .order_by(ResultRow.seq))) if seqs else []
+        return unpublished + [Publish.from_json(p) for p in previous
+                              if isinstance(p, dict) and p["exchange"] != RESULTS.name]
 
     def handle_one(self, session: Session, item: Any) -> list[Publish]:
         raise NotImplementedError
@@ -368,7 +378,12 @@ class PortLockingHandler(StageHandler):
 
 
 class AllocateHandler(PortLockingHandler):
-    """Stage 3 against the database allocator: the port's old devices are released first."""
+    """Stage 3 against the database allocator: the port's old devices are released first.
+
+    A device is released and granted again within one host's lock, so its host must hear of the
+    release before it hears of the grant: the result that tells the host the port let go of it
+    (``unbound``) is numbered here, in the transaction that releases it, before any later
+    transaction can grant the device to another port (compose numbers that grant)."""
 
     stage = "allocate"
 
@@ -377,56 +392,52 @@ class AllocateHandler(PortLockingHandler):
         self.holders = pci_store.device_holders(session, [j.port_id for j in items])
         self.hosts = pci_store.HostCache(session)
         self.hosts.lock({j.port.host for j in items if j.port is not None and j.selection is not None
-                         and j.selection.bound and validated(j).vnic_type in v.VNIC_TYPES_NEEDING_PCI})
+                         and j.selection.bound and validated(j).vnic_type in v.VNIC_TYPES_NEEDING_PCI}
+                        | {host for port_id in self.holders for host in self.holders[port_id]})
+        self.changes = BindingChanges()
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if self.is_stale(job):
             return []  # a newer event for this port is on its way
-        if job.port_id in self.holders:
+        out: list[Publish] = []
+        held = self.holders.pop(job.port_id, None)
+        if held:
             pci_store.release_port(session, job.port_id, self.hosts)
+            out += self.changes.unbound(job, sorted(held))
         if job.action == "bind" and job.selection is not None and job.error is None:
             job.allocation = pci_store.allocate(session, validated(job), job.selection,
                                                 self.networks[job.port.network_id], self.hosts)
-        return [hand_on(job, "compose")]
+            if job.allocation.device is not None:  # a later job of the port in this batch releases it
+                self.holders[job.port_id] = {job.port.host}
+        return out + [hand_on(job, "compose")]
 
     def finish(self, session: Session) -> None:
         self.hosts.flush()
+        self.changes.write(session)
 
 
 class ComposeHandler(PortLockingHandler):
-    """Stage 4, then the binding rows and the results outbox."""
+    """Stage 4, then the binding rows and the results outbox.
+
+    The binding rows are what the hosts were told: a host that holds a binding of the port, other
+    than the one this job binds, is told ``unbound`` and its row goes. So whatever order a port's
+    events arrive in, or however many of its jobs were dropped as stale on the way, every host that
+    was told the port is bound there is told when it no longer is, and a deleted port keeps no row."""
 
     stage = "compose"
 
-    def mark_output(self, produced: list[Publish]) -> list[Any]:
-        """Only the results' seqs: the results table holds them whole."""
-        return [p.body["seq"] for p in produced]
-
-    def redelivered(self, session: Session, previous: list[Any]) -> list[Publish]:
-        """The job's results that were not confirmed as published yet (the relay would send them too).
-        A mark written before marks kept only seqs holds the published messages."""
-        seqs = [p if isinstance(p, int) else p["body"]["seq"] for p in previous]
-        return resent(session.scalars(select(ResultRow).where(among(session, ResultRow.seq, seqs),
-                                                              ResultRow.published_at.is_(None))
-                                      .order_by(ResultRow.seq)))
-
     def prepare(self, session: Session, items: list[BindingJob]) -> None:
-        self.bindings: dict[tuple[str, str], dict[str, Any] | None] = {}  # the batch's last word per (port, host)
-        self.results: list[tuple[dict[str, Any], dict[str, Any] | None, BindingResult, Publish | None]] = []
+        self.changes = BindingChanges(topo.lock_bindings(session, sorted({j.port_id for j in items})))
 
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if self.is_stale(job):
             return []
-        out: list[Publish | None] = []
-        if job.old_host is not None:
-            self.bindings[(job.port_id, job.old_host)] = None
-            out.append(self.add_result(session, job, BindingResult(
-                id=job.port_id, port_id=job.port_id, host=job.old_host, vif_type=v.VIF_TYPE_UNBOUND, vif_details={})))
+        target = job.port.host if job.action == "bind" and job.port.host else None
+        out = self.changes.unbound(job, sorted(self.changes.hosts_of(job.port_id) - {target}))
         if job.action == "bind":
             result = self.compose(job)
-            binding = self.binding(session, job, result) if job.port.host else None
-            out.append(self.add_result(session, job, result, binding))
-        return [p for p in out if p is not None]
+            out += self.changes.bound(session, job, result)
+        return out
 
     def compose(self, job: BindingJob) -> BindingResult:
         if job.error is not None or job.selection is None:  # its host is told it is not bound, and why
@@ -435,34 +446,63 @@ class ComposeHandler(PortLockingHandler):
                                  warnings=job.warnings)
         return compose_result(job.port_id, validated(job), job.selection, job.allocation or AllocationDecision())
 
-    def binding(self, session: Session, job: BindingJob, result: BindingResult) -> dict[str, Any]:
-        """The port's binding row on its host (written by ``finish``, with its result's seq)."""
-        binding = self.bindings[(job.port_id, job.port.host)] = {
-            "port_id": job.port_id, "host": job.port.host, "status": v.BINDING_ACTIVE,
-            "vnic_type": job.vnic_type or v.VNIC_NORMAL, "profile": result.profile or job.profile,
-            "vif_type": result.vif_type or v.VIF_TYPE_BINDING_FAILED, "vif_details": result.vif_details or {},
-            "levels": [lv.model_dump() for lv in result.binding_levels], "event_id": job.event_id,
-            "result_seq": None, "updated_at": utcnow()}
-        if result.dynamic_segments:
-            topo.save_dynamic_segments(session, job.port.network_id, result.dynamic_segments)
-        return binding
+    def finish(self, session: Session) -> None:
+        self.changes.write(session)
 
-    def add_result(self, session: Session, job: BindingJob, result: BindingResult,
-                   binding: dict[str, Any] | None = None) -> Publish | None:
-        """Record the result in the outbox; what to publish (see ``outbox``). Its ``seq`` is filled
-        in by ``finish``, which inserts the batch's rows."""
+
+class BindingChanges:
+    """A batch's results and the binding rows that go with them (the batch's last word per
+    ``(port, host)``): the results are inserted together and numbered when the batch is written,
+    the rows with the seqs of their results."""
+
+    def __init__(self, held: set[tuple[str, str]] = frozenset()):
+        """``held``: the ``(port, host)`` bindings the batch's ports have (locked by the caller)."""
+        self.held = set(held)
+        self.rows: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self.results: list[tuple[dict[str, Any], dict[str, Any] | None, BindingResult, Publish | None]] = []
+
+    def hosts_of(self, port_id: str) -> set[str]:
+        return {host for port, host in self.held if port == port_id}
+
+    def unbound(self, job: BindingJob, hosts: list[str]) -> list[Publish]:
+        """Tell each of ``hosts`` that the port is bound there no more; their rows go."""
+        out = []
+        for host in hosts:
+            self.held.discard((job.port_id, host))
+            self.rows[(job.port_id, host)] = None
+            out.append(self.add(job, BindingResult(id=job.port_id, port_id=job.port_id, host=host,
+                                                   vif_type=v.VIF_TYPE_UNBOUND, vif_details={})))
+        return [p for p in out if p is not None]
+
+    def bound(self, session: Session, job: BindingJob, result: BindingResult) -> list[Publish]:
+        """The job's result, and the port's binding row on its host (none for a port without one)."""
+        row = None
+        if job.port.host:
+            self.held.add((job.port_id, job.port.host))
+            row = self.rows[(job.port_id, job.port.host)] = {
+                "port_id": job.port_id, "host": job.port.host, "status": v.BINDING_ACTIVE,
+                "vnic_type": job.vnic_type or v.VNIC_NORMAL, "profile": result.profile or job.profile,
+                "vif_type": result.vif_type or v.VIF_TYPE_BINDING_FAILED, "vif_details": result.vif_details or {},
+                "levels": [lv.model_dump() for lv in result.binding_levels], "event_id": job.event_id,
+                "result_seq": None, "updated_at": utcnow()}
+            if result.dynamic_segments:
+                topo.save_dynamic_segments(session, job.port.network_id, result.dynamic_segments)
+        publish = self.add(job, result, row)
+        return [publish] if publish is not None else []
+
+    def add(self, job: BindingJob, result: BindingResult, row: dict[str, Any] | None = None) -> Publish | None:
         result.event_id = job.event_id
-        row, publish = outbox(result, job.occurred_at)
-        self.results.append((row, binding, result, publish))
+        outbox_row, publish = outbox(result, job.occurred_at)
+        self.results.append((outbox_row, row, result, publish))
         return publish
 
-    def finish(self, session: Session) -> None:
+    def write(self, session: Session) -> None:
         insert_results(session, [row for row, _, _, _ in self.results])
-        for row, binding, result, publish in self.results:
-            number(row, result, publish)
-            if binding is not None:
-                binding["result_seq"] = row["seq"]
-        topo.save_bindings(session, self.bindings)
+        for outbox_row, row, result, publish in self.results:
+            number(outbox_row, result, publish)
+            if row is not None:
+                row["result_seq"] = outbox_row["seq"]
+        topo.save_bindings(session, self.rows)
 
 
 def outbox(result: BindingResult, occurred_at: datetime | None,

@@ -42,7 +42,7 @@ class KeepAlive:
             self.thread = threading.Thread(target=self._run, name="bindpipe-keepalive", daemon=True)
             self.thread.start()
         with self.lock:
-            self.since = time.monotonic()
+            self.since = time.monotonic()  # at most one beat a tick, however short the waits
         try:
             yield
         finally:
@@ -52,7 +52,7 @@ class KeepAlive:
     def _run(self) -> None:
         while not self.stopped.wait(self.every):
             with self.lock:
-                if self.since is None or time.monotonic() - self.since < self.every:
+                if self.since is None:  # the worker's loop is turning: py-amqp beats for itself
                     continue
                 for connection in self.connections():
                     try:

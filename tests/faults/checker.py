@@ -252,6 +252,33 @@ def latest_results(received: list[ReceivedResult]) -> dict[tuple[str, str], dict
     return latest
 
 
+def device_conflicts(received: list[ReceivedResult]) -> list[str]:
+    """Each host's results applied in ``seq`` order, as a compute host applies them: a device granted
+    to a port while another port still holds it (its release not yet told) is a conflict. A result
+    for a port replaces what the host knew of it (``unbound`` and ``binding_failed`` hold nothing)."""
+    streams: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for result in received:
+        if result.body.get("seq") is not None:
+            streams[result.queue_host][result.body["seq"]] = result.body
+    conflicts = []
+    for host, stream in sorted(streams.items()):
+        holder: dict[str, str] = {}  # device -> port
+        held: dict[str, str] = {}  # port -> device
+        for seq in sorted(stream):
+            body = stream[seq]
+            port = body.get("port_id")
+            released = held.pop(port, None)
+            if released is not None:
+                holder.pop(released, None)
+            device = (body.get("pci_device") or {}).get("address")
+            if device is None or body.get("vif_type") in ("unbound", "binding_failed", None):
+                continue
+            if device in holder:
+                conflicts.append(f"{host}: seq {seq} gives {device} to {port} while {holder[device]} holds it")
+            holder[device], held[port] = port, device
+    return conflicts
+
+
 def check_pci(db: DbState, final_hosts: dict[str, str | None], received: list[ReceivedResult]) -> dict[str, Any]:
     double, leaked, mismatch = [], [], []
     owned_by: dict[str, list[DeviceData]] = defaultdict(list)
@@ -297,6 +324,7 @@ def check_pci(db: DbState, final_hosts: dict[str, str | None], received: list[Re
             mismatch.append(f"port {port}: its last result on {host} names no device, yet it holds {held}")
     double += [f"{host}/{address} named by the last results of {ports}"
                for (host, address), ports in claimed.items() if len(ports) > 1]
+    double += device_conflicts(received)
     states = Counter(d.status for d in db.devices)
     return {"double_allocated": len(double), "leaked": len(leaked), "pci_mismatch": len(mismatch),
             "devices": len(db.devices), "devices_in_use": sum(1 for d in db.devices if d.owner_port_id),
