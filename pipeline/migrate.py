@@ -149,6 +149,23 @@ def _differences(connection: Connection) -> list[Any]:
             *_pf_vf_guard_differences(connection)]
 
 
+def schema_problem(connection: Connection) -> str | None:
+    """What keeps this code from using the database's schema (None: nothing). A schema made by
+    ``create_schema`` (no revision) is good when it matches the models, as :func:`upgrade` adopts it."""
+    revision, newest = _current(connection), head()
+    if revision == newest:
+        return None
+    if revision is None:
+        if not set(Base.metadata.tables) & set(inspect(connection).get_table_names()):
+            return "the database has no schema (empty or never migrated)"
+        if _differences(connection):
+            return "the database has tables but no Alembic revision, and they differ from the models"
+        return None
+    if revision not in {script.revision for script in ScriptDirectory.from_config(_scripts_config()).walk_revisions()}:
+        return f"the database is at revision {revision}, which this release does not know (a newer one migrated it)"
+    return f"the database is at revision {revision}, this release needs {newest}"
+
+
 def check(url: str) -> None:
     """Raise :class:`SchemaMismatch` unless the database's schema is exactly the models'."""
     engine = make_engine(url)
