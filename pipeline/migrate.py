@@ -31,6 +31,7 @@ from sqlalchemy import Connection, inspect, text
 
 from pipeline.db import make_engine
 from pipeline.models.tables import PG_PF_VF_EXCLUSION, SQLITE_PF_VF_TRIGGER, Base
+from pipeline.progress import progress
 
 log = structlog.get_logger(__name__)
 
@@ -192,7 +193,12 @@ def upgrade(url: str, revision: str = "head") -> str | None:
                                          "from the models; stamp its revision by hand:", differences)
                 log.info("adopting a schema made by create_schema", stamp="head")
                 command.stamp(config, "head")
-            command.upgrade(config, revision)
+            steps = [script.revision for script in reversed(list(
+                ScriptDirectory.from_config(config).iterate_revisions(revision, _current(connection) or "base")))]
+            with progress("migrations applied", len(steps)) as shown:
+                for done, step in enumerate(steps, 1):  # one at a time, to show how far it got
+                    command.upgrade(config, step)
+                    shown.update(done)
             reached = _current(connection)
     finally:
         engine.dispose()

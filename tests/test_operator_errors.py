@@ -18,7 +18,7 @@ from pipeline import migrate
 from pipeline.db import create_schema, make_engine
 from pipeline.models.events import Envelope
 from pipeline.models.tables import EventLog
-from pipeline.settings import Settings, unknown_variables
+from pipeline.settings import Settings
 from pipeline.workers.topology import EVENTS, declare_topology
 
 BINDPIPE = str(Path(sys.executable).with_name("bindpipe"))
@@ -33,7 +33,11 @@ def start(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
 
 def run(args: list[str], cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     process = start(args, cwd, **env)
-    out, err = process.communicate(timeout=timeout)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # a command that should have stopped at once: leave nothing running
+        out, err = process.communicate()
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
@@ -72,6 +76,8 @@ def test_lists_are_read_as_ml2_conf_ini_writes_them_and_as_json(monkeypatch):
 
 
 def test_unknown_variables_are_named_with_a_suggestion():
+    from pipeline.settings import unknown_variables
+
     environ = {"BINDPIPE_BATCH_SIZ": "5", "BINDPIPE_BATCH_SIZE": "5", "BINDPIPE_ML2__OVS_CREATE_TAP": "false",
                "BINDPIPE_SIGNING_KEYS__nova": "k", "BINDPIPE_RUN_DIR": "/run", "BINDPIPE_CONFIG_FILE": "/etc/x",
                "BINDPIPE_METRICS_PORT": "9", "BINDPIPE_METRICS_ADDR": "::1", "BINDPIPE_TEST_BROKER_URL": "amqp://",
@@ -156,7 +162,11 @@ def test_commands_with_the_broker_down_exit_3_with_one_line(tmp_path):
     running = {name: start(args, tmp_path, BINDPIPE_BROKER_URL=UNREACHABLE_BROKER, BINDPIPE_DATABASE_URL=database)
                for name, args in commands.items()}
     for name, process in running.items():
-        out, err = process.communicate(timeout=90)
+        try:
+            out, err = process.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
         if name == "watch":  # the client logs each of its retries (warnings) before it gives up
             err = "\n".join(line for line in err.splitlines() if "broker connection failed, retrying" not in line)
         line = one_line(subprocess.CompletedProcess(process.args, process.returncode, out, err), 3,
