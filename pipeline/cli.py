@@ -147,6 +147,7 @@ def run(relay_every: Annotated[float, typer.Option(help="seconds between outbox 
                    "set BINDPIPE_BROKER_URL to take events from RabbitMQ", err=True)
     the_worker = Worker(settings, engine, list(STAGES))
     the_worker.periodic.append(Relay(engine, lambda: the_worker.publisher, relay_every))
+    runtime.long_running("run")
     the_worker.run_forever()
 
 
@@ -157,10 +158,11 @@ def relay(interval: Annotated[float, typer.Option(help="seconds between passes")
     """Publish results that were committed but never confirmed as published (the outbox)."""
     from pipeline.workers.republish import run_relay
 
-    from pipeline.runtime import patiently
+    from pipeline.runtime import long_running, patiently
 
     settings = _settings()
     engine = patiently(lambda: _engine(settings), "database")
+    long_running("relay")
     raise typer.Exit(run_relay(engine, lambda: _publisher(settings), interval, grace, once))
 
 
@@ -257,11 +259,58 @@ def schema(out: Annotated[Path | None, typer.Option(help="write one <name>.schem
 def metrics_server(port: Annotated[int | None, typer.Option(help="TCP port (default: BINDPIPE_METRICS_PORT, 9464)")] = None,
                    addr: Annotated[str | None, typer.Option(help="address to listen on (default: BINDPIPE_METRICS_ADDR, "
                                                             "0.0.0.0)")] = None) -> None:
-    """Serve every worker's metrics (Prometheus multiprocess directory) on one /metrics endpoint."""
+    """Serve every worker's metrics (Prometheus multiprocess directory) on /metrics, and /healthz."""
+    from pipeline.observability.health import healthz_app
     from pipeline.observability.metrics import serve
+    from pipeline.runtime import long_running
 
     settings = _settings()
-    serve(port or settings.metrics_port, addr or settings.metrics_addr)
+    long_running("metrics-server")
+    serve(port or settings.metrics_port, addr or settings.metrics_addr,
+          {"/healthz": healthz_app(settings.stall_seconds)})
+
+
+def _machine_metrics() -> None:
+    from pipeline.observability.metrics import metrics_dir
+    from pipeline.runtime import ConfigurationError
+
+    if metrics_dir() is None:
+        raise ConfigurationError("the workers' readiness is read from their metrics: set BINDPIPE_METRICS_DIR "
+                                 "(or PROMETHEUS_MULTIPROC_DIR) to the machine's multiprocess directory")
+
+
+@app.command()
+def health(stage: Annotated[str | None, typer.Option(help="only this stage's workers")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False) -> None:
+    """Is every worker process of this machine ready (broker, database, consuming, loop turning)? Exit 0 or 1."""
+    import json
+
+    from pipeline.observability.health import machine_workers, render, report
+
+    settings = _settings()
+    _machine_metrics()
+    summary = report(machine_workers(settings.stall_seconds), stage)
+    typer.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else render(summary), nl=as_json)
+    raise typer.Exit(0 if summary["ready"] else 1)
+
+
+@app.command()
+def watchdog(interval: Annotated[float, typer.Option(help="seconds between two looks")] = 5.0,
+             grace: Annotated[float, typer.Option(help="seconds a worker has to die of SIGABRT before SIGKILL")] = 10.0
+             ) -> None:
+    """End this machine's stalled workers (consuming, loop still for BINDPIPE_STALL_SECONDS) so that their
+    supervisor starts them again: SIGABRT (their log shows where they hung), then SIGKILL."""
+    import signal
+
+    from pipeline.observability.health import Watchdog
+    from pipeline.runtime import long_running
+
+    settings = _settings()
+    _machine_metrics()
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    long_running("watchdog")
+    Watchdog(settings.stall_seconds, grace).run(interval, lambda: bool(stopping))
 
 
 @app.command()

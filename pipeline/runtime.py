@@ -22,6 +22,7 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sqlite3
@@ -42,7 +43,7 @@ from sqlalchemy import exc as sql_errors
 from sqlalchemy.engine import make_url
 
 from pipeline.observability.logging import configure_logging, redact_text
-from pipeline.observability.metrics import configure_metrics_dir
+from pipeline.observability import metrics
 from pipeline.settings import CONFIG_FILE_ENV, NESTED, PREFIX, Settings, unknown_variables
 from pipeline.stages.errors import ConfigError
 
@@ -97,7 +98,7 @@ def load_settings() -> Settings:
     except SettingsError as exc:  # a value that should be JSON and is not
         raise ConfigurationError(f"bad configuration: {exc}; write lists as a,b or as JSON") from None
     configure_logging(settings.log_format)
-    configure_metrics_dir(settings.metrics_dir)
+    metrics.configure_metrics_dir(settings.metrics_dir)
     return settings
 
 
@@ -348,12 +349,22 @@ def patiently(attempt: Callable[[], T], what: str, stopping: Callable[[], bool] 
 
 def prepare_worker(settings: Settings, stages: list[str], create: bool = False) -> Engine:
     """Every start-up check of a worker of ``stages``, before it consumes anything; its engine.
-    ``create``: build the database's schema instead of checking it (``bindpipe run`` on SQLite)."""
+    ``create``: build the database's schema instead of checking it (``bindpipe run`` on SQLite).
+    While it waits for a service, its readiness says which (``bindpipe health``)."""
     check_drivers(settings)
+    metrics.worker_state(stages, broker=False, database=False, consuming=False)
     engine = patiently(lambda: database(settings, create=create), "database")
+    metrics.worker_state(stages, database=True)
     if not settings.embedded:
         patiently(lambda: check_broker(settings, stages), "broker")
     return engine
+
+
+def long_running(process: str) -> None:
+    """For a process that runs until stopped: the traceback of every thread on SIGABRT (the
+    watchdog's) or a fatal signal, and its build and process metrics."""
+    faulthandler.enable()
+    metrics.start_process_metrics(process)
 
 
 def run_worker(stage: str, settings: Settings | None = None) -> None:
@@ -361,4 +372,6 @@ def run_worker(stage: str, settings: Settings | None = None) -> None:
     from pipeline.workers.consumer import Worker
 
     settings = settings or load_settings()
-    Worker(settings, prepare_worker(settings, [stage]), [stage]).run_forever()
+    engine = prepare_worker(settings, [stage])
+    long_running(f"worker-{stage}")
+    Worker(settings, engine, [stage]).run_forever()

@@ -81,6 +81,7 @@ class Worker(ConsumerProducerMixin):
     # --- kombu mixin hooks ---
     @contextmanager
     def establish_connection(self):  # noqa: ANN201 - the mixin's context manager
+        metrics.worker_state(self.buffers, broker=False, consuming=False)
         with self.create_connection() as conn:
             try:
                 connect_with_retry(conn, stop_requested=lambda: self.stopping)
@@ -88,6 +89,7 @@ class Worker(ConsumerProducerMixin):
                 if self.stopping:  # told to stop while the broker is away: nothing is in hand, leave
                     self.should_stop = True
                 raise
+            metrics.worker_state(self.buffers, broker=True)
             yield conn
 
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
@@ -102,6 +104,9 @@ class Worker(ConsumerProducerMixin):
         return [consumer_cls(queues=[queue], on_message=partial(self.receive, buffer), no_ack=False,
                              prefetch_count=self.prefetch(stage))
                 for stage, queue, buffer in zip(self.buffers, queues, self.buffers.values(), strict=True)]
+
+    def on_consume_ready(self, connection: Connection, channel: Any, consumers: list[Consumer], **kwargs: Any) -> None:
+        metrics.worker_state(self.buffers, consuming=True)
 
     def prefetch(self, stage: str) -> int:
         """Deliveries in hand per stage: a hand-off holds up to ``HANDOFF_JOBS`` jobs, so fewer of
@@ -159,12 +164,15 @@ class Worker(ConsumerProducerMixin):
             self._gauges_at = now
             try:
                 refresh_gauges(self.engine, list(self.buffers))
+                metrics.worker_state(self.buffers, database=True)
             except Exception as exc:  # noqa: BLE001 - gauges wait for the database; the work goes on
+                metrics.worker_state(self.buffers, database=False)
                 log.warning("gauges not refreshed", error=str(exc)[:200])
         if self.stopping:
             self.should_stop = True
 
     def on_consume_end(self, connection: Connection, channel: Any) -> None:
+        metrics.worker_state(self.buffers, consuming=False)
         self.drop_publisher()
         super().on_consume_end(connection, channel)
 
@@ -320,6 +328,7 @@ class Worker(ConsumerProducerMixin):
 
     def observe(self, handler: StageHandler, size: int, seconds: float, outputs: list[Publish]) -> None:
         stage = handler.stage
+        metrics.batch_done(stage)
         metrics.BATCH_SIZE.labels(stage=stage).observe(size)
         metrics.observe_each(metrics.STAGE_DURATION.labels(stage=stage), seconds / size, size)
         metrics.STAGE_MESSAGES.labels(stage=stage, outcome="ok").inc(size - handler.duplicates)
