@@ -29,6 +29,7 @@ import sqlite3
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -203,18 +204,30 @@ def _database_failure(exc: sql_errors.SQLAlchemyError, shown: str) -> OperatorEr
 # --- the broker -------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _broker_failures(shown: str) -> Iterator[None]:
+    """Broker errors raised inside, as what they mean to an operator (others as they are)."""
+    try:
+        yield
+    except OperatorError:
+        raise
+    except Exception as exc:
+        failure = _broker_failure(exc, shown)
+        if failure is None:
+            raise
+        raise failure from None
+
+
 def broker_connection(settings: Settings) -> Connection:
     """A connection to the configured broker, made now (one attempt of ``BROKER_TIMEOUT`` s)."""
     connection = Connection(settings.broker_url, connect_timeout=BROKER_TIMEOUT, heartbeat=0,
                             ssl=settings.broker_ssl_options())
     try:
-        connection.connect()
-    except Exception as exc:
+        with _broker_failures(connection.as_uri()):
+            connection.connect()
+    except BaseException:
         connection.release()
-        failure = _broker_failure(exc, connection.as_uri())
-        if failure is None:
-            raise
-        raise failure from None
+        raise
     return connection
 
 
@@ -224,15 +237,14 @@ def check_broker(settings: Settings, stages: tuple[str, ...] | list[str]) -> Non
     ``declare_topology`` the topology is declared first (configure permission needed)."""
     from pipeline.workers.topology import STAGES, dead_letter_queue, declare_topology, stage_queue
 
-    connection = broker_connection(settings)
-    try:
+    with broker_connection(settings) as connection, _broker_failures(connection.as_uri()):
         if settings.declare_topology:
             declare_topology(connection, settings)
             return
         missing = []
         for stage in STAGES:
             for queue in (stage_queue(stage, settings), dead_letter_queue(stage, settings)):
-                channel = connection.channel()
+                channel = connection.channel()  # a passive declare that fails closes its channel
                 try:
                     queue(channel).queue_declare(passive=True)
                 except amqp_errors.NotFound:
@@ -246,20 +258,11 @@ def check_broker(settings: Settings, stages: tuple[str, ...] | list[str]) -> Non
                 f"queue(s) {', '.join(missing)} do not exist on {connection.as_uri()}"
                 f"{' (this worker consumes ' + ', '.join(ours) + ')' if ours else ''}: apply "
                 "deploy/rabbitmq/definitions.json, or run `bindpipe declare` as an administrator")
-    except OperatorError:
-        raise
-    except Exception as exc:
-        failure = _broker_failure(exc, connection.as_uri())
-        if failure is None:
-            raise
-        raise failure from None
-    finally:
-        connection.release()
 
 
-# AMQP reply codes that configuration (a user's rights, a name, a queue's arguments) explains.
-_BROKER_CONFIGURATION = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 405: "RESOURCE_LOCKED", 406: "PRECONDITION_FAILED",
-                         530: "NOT_ALLOWED"}
+# AMQP reply codes that configuration explains: ACCESS_REFUSED, NOT_FOUND, RESOURCE_LOCKED,
+# PRECONDITION_FAILED (a queue's arguments), NOT_ALLOWED (the vhost).
+_BROKER_CONFIGURATION = frozenset({403, 404, 405, 406, 530})
 
 
 def _broker_failure(exc: BaseException, shown: str | None = None) -> OperatorError | None:

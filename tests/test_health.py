@@ -58,8 +58,9 @@ def test_the_watchdog_aborts_a_stalled_worker_then_kills_it_if_it_lingers():
     from pipeline.observability.health import Watchdog, assess
 
     sent: list[tuple[int, int]] = []
-    dog = Watchdog(stall_seconds=60, grace_seconds=10, kill=lambda pid, sig: sent.append((pid, sig)))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dog = Watchdog(stall_seconds=60, grace_seconds=10, kill=lambda pid, sig: sent.append((pid, sig)),
+                   is_worker=lambda pid: pid == sleeper.pid and sleeper.poll() is None)
     try:
         stalled = assess(facts(loop_age=120), sleeper.pid, "allocate", NOW, 60)
         waiting = assess(facts(broker=0, consuming=0, loop_age=300), os.getppid(), "select", NOW, 60)
@@ -72,6 +73,7 @@ def test_the_watchdog_aborts_a_stalled_worker_then_kills_it_if_it_lingers():
         sleeper.wait()
     dog.aborted[sleeper.pid] = 20.0
     assert dog.check([], now=21.0) == [] and dog.aborted == {}  # gone by itself: forgotten
+    assert dog.check([stalled], now=22.0) == []  # facts left by a process that is gone: nothing to signal
 
 
 WORKER_FACTS = """

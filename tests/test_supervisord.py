@@ -372,15 +372,20 @@ def metric_problems(samples: dict[str, Any], engine: Engine, expected_bindings: 
 
 # --- the test ----------------------------------------------------------------------------------
 
+def migrate_and_declare(bin_dir: Path, env: dict[str, str]) -> None:
+    """The database migrated and the topology declared, as deploy/README.md has an operator do first."""
+    for command in (["migrate"], ["declare"]):
+        done = subprocess.run([str(bin_dir / "bindpipe"), *command], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, f"bindpipe {command[0]}: {done.stdout}\n{done.stderr}"
+
+
 def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -> None:
     bin_dir = venv_bin()
     metrics_port = free_port()
     metrics_dir = run_dir / "metrics"
     env = child_environment(bin_dir, run_dir, metrics_dir, amqp_url, pg_url, metrics_port)
-    for command in (["migrate"], ["declare"]):
-        done = subprocess.run([str(bin_dir / "bindpipe"), *command], env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 0, f"bindpipe {command[0]}: {done.stdout}\n{done.stderr}"
+    migrate_and_declare(bin_dir, env)
 
     engine = make_engine(pg_url)
     supervisor = Supervisor(bin_dir, env, run_dir)
@@ -555,10 +560,7 @@ def test_the_watchdog_aborts_a_stalled_worker_and_supervisord_starts_another(pg_
     metrics_port = free_port()
     env = {**child_environment(bin_dir, run_dir, run_dir / "metrics", amqp_url, pg_url, metrics_port),
            "BINDPIPE_STALL_SECONDS": "3"}
-    for command in (["migrate"], ["declare"]):
-        done = subprocess.run([str(bin_dir / "bindpipe"), *command], env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 0, f"bindpipe {command[0]}: {done.stdout}\n{done.stderr}"
+    migrate_and_declare(bin_dir, env)
     engine = make_engine(pg_url)
     supervisor = Supervisor(bin_dir, env, run_dir)
     try:

@@ -131,22 +131,14 @@ def healthz_app(stall_seconds: float, registry: CollectorRegistry | None = None)
     return app
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Watchdog:
     """Ends stalled worker processes of this machine (see the module's docstring)."""
 
     def __init__(self, stall_seconds: float, grace_seconds: float = 10.0,
-                 kill: Callable[[int, int], None] = os.kill):
+                 kill: Callable[[int, int], None] = os.kill, is_worker: Callable[[int], bool] | None = None):
         self.stall_seconds, self.grace_seconds, self.kill = stall_seconds, grace_seconds, kill
+        # still the process that wrote the facts, not another that took its pid since
+        self.is_worker = is_worker or (lambda pid: metrics.writes_to(pid, metrics.metrics_dir() or ""))
         self.aborted: dict[int, float] = {}  # pid -> when it was sent SIGABRT
 
     def check(self, processes: list[WorkerHealth], now: float) -> list[int]:
@@ -154,7 +146,7 @@ class Watchdog:
         the pids signalled."""
         signalled = []
         for pid, at in list(self.aborted.items()):
-            if not _alive(pid):
+            if not self.is_worker(pid):
                 del self.aborted[pid]
             elif now - at >= self.grace_seconds:
                 log.error("stalled worker ignored SIGABRT, killing it", pid=pid)
@@ -163,7 +155,7 @@ class Watchdog:
                 signalled.append(pid)
         for process in processes:
             if process.stalled and process.pid not in self.aborted and process.pid not in signalled \
-                    and process.pid != os.getpid():
+                    and process.pid != os.getpid() and self.is_worker(process.pid):
                 log.error("worker stalled, aborting it (its supervisor starts another)", pid=process.pid,
                           stage=process.stage, loop_age=process.loop_age, stall_seconds=self.stall_seconds)
                 self.kill(process.pid, signal.SIGABRT)

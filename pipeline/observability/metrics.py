@@ -214,7 +214,7 @@ _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
 _REAP_LOCK = threading.Lock()
 
 
-def _writes_to(pid: int, path: str) -> bool:
+def writes_to(pid: int, path: str) -> bool:
     """Is ``pid`` a live process with a file of ``path`` mapped (as every metrics writer has)?
 
     Looking at /proc/PID/maps, not just at the pid, keeps a recycled pid from passing for the dead
@@ -248,7 +248,7 @@ def reap_dead_processes(path: str | None = None) -> list[int]:
         return []
     with _REAP_LOCK:  # concurrent scrapes would race on the same files
         pids = {int(m.group(1)) for m in map(_LIVE_GAUGE_FILE.match, os.listdir(path)) if m}
-        dead = sorted(pid for pid in pids if pid != os.getpid() and not _writes_to(pid, path))
+        dead = sorted(pid for pid in pids if pid != os.getpid() and not writes_to(pid, path))
         for pid in dead:
             try:
                 multiprocess.mark_process_dead(pid, path)
@@ -427,5 +427,5 @@ __all__ = [
     "STAGES", "STAGE_DURATION", "STAGE_MESSAGES", "STAGE_OUTCOMES", "WORKER_LAST_LOOP", "batch_done", "bounded",
     "build_labels", "configure_metrics_dir", "failure_reason_category", "init_stage_series", "make_metrics_server",
     "mark_dead", "metrics_dir", "observe_each", "reap_dead_processes", "registry_for_export", "sample_process",
-    "serve", "start_process_metrics", "touch_loop", "worker_state",
+    "serve", "start_process_metrics", "touch_loop", "worker_state", "writes_to",
 ]
