@@ -8,6 +8,8 @@ traceback with ``--debug`` or ``BINDPIPE_DEBUG=1``.
 """
 
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -85,6 +87,19 @@ def _publisher(settings):  # noqa: ANN001, ANN202
 
     connection = connect_with_retry(Connection(settings.broker_url, ssl=settings.broker_ssl_options()), 60)
     return event_publisher(connection, settings)
+
+
+@contextmanager
+def _broker_refusals(command: str, hint: str) -> Iterator[None]:
+    """A broker's refusal (this user may not do that, a queue is missing) is an operator's mistake:
+    one line and exit status 2, not a traceback."""
+    from amqp.exceptions import AMQPError
+
+    try:
+        yield
+    except AMQPError as exc:
+        typer.echo(f"bindpipe {command}: {exc} ({hint})", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("dry-run")
@@ -175,7 +190,8 @@ def declare() -> None:
     from pipeline.workers.topology import declare_topology
 
     settings = _settings()
-    with Connection(settings.broker_url, ssl=settings.broker_ssl_options()) as connection:
+    with _broker_refusals("declare", "it needs configure permission: run it as the broker's administrator"), \
+            Connection(settings.broker_url, ssl=settings.broker_ssl_options()) as connection:
         declare_topology(connection, settings)
     typer.echo("declared binding.events, binding.stages, binding.results, binding.dlx and the stage queues")
 
@@ -200,7 +216,8 @@ def replay_results(host: Annotated[str, typer.Option(help="compute host")],
     from pipeline.workers.republish import replay_results as replay
 
     settings = _settings()
-    count = replay(_engine(settings), _publisher(settings), host, since)
+    with _broker_refusals("replay results", "it publishes to binding.results: use the worker's broker user"):
+        count = replay(_engine(settings), _publisher(settings), host, since)
     typer.echo(f"re-published {count} results to host.{host}")
 
 
@@ -211,7 +228,8 @@ def replay_events(first: Annotated[int, typer.Option("--from", help="first event
     from pipeline.workers.republish import replay_events as replay
 
     settings = _settings()
-    count = replay(_engine(settings), _publisher(settings), first, last)
+    with _broker_refusals("replay events", "it publishes to binding.events: use the publisher's broker user"):
+        count = replay(_engine(settings), _publisher(settings), first, last)
     typer.echo(f"re-published {count} events to binding.events")
 
 
@@ -226,7 +244,8 @@ def watch(host: Annotated[str, typer.Option(help="compute host whose results to 
     from pipeline.models.binding import BindingResult
 
     settings = _settings()
-    with BindingClient(settings=settings) as client:
+    with _broker_refusals("watch", f"a compute host reads with its own broker user, made by `bindpipe broker "
+                          f"add-compute-host {host}`"), BindingClient(settings=settings) as client:
         for body in client.watch(host, timeout=timeout):
             if as_json:
                 typer.echo(json.dumps(body, sort_keys=True))
@@ -364,3 +383,40 @@ def migrate_database(revision: Annotated[str, typer.Option(help="target revision
         typer.echo(f"bindpipe migrate: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"revision after: {after or '(none)'}")
+
+
+# --- operator commands for the broker's users ----------------------------------------------------
+
+broker_app = typer.Typer(no_args_is_help=True,
+                         help="Operator commands for RabbitMQ (run where rabbitmqctl reaches the node).")
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.command("add-compute-host")
+def broker_add_compute_host(host: Annotated[str, typer.Argument(help="the compute host, as results name it")],
+                            vhost: Annotated[str, typer.Option(help="the vhost the definitions were applied to")]
+                            = "bindpipe") -> None:
+    """A compute host's results queue, and its own broker user that may only read it.
+
+    The user is bindpipe-compute.HOST. Its password is BINDPIPE_RABBITMQ_COMPUTE_PASSWORD if set;
+    else a new user gets a generated one (printed once) and an existing user keeps its own. Safe to
+    run again."""
+    import os
+
+    from pipeline.broker_users import PASSWORD_ENV, BrokerAdminError, add_compute_host
+
+    settings = _settings()
+    password = os.environ.get(PASSWORD_ENV) or None
+    try:
+        added = add_compute_host(host, vhost, settings, password)
+    except BrokerAdminError as exc:
+        typer.echo(f"bindpipe broker add-compute-host: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"queue {added.queue} in vhost {vhost}, bound to host.{host} on binding.results")
+    typer.echo(f"user {added.user} ({'new' if added.created else 'existing'}): may read {added.queue}, nothing else")
+    if added.password is not None:
+        typer.echo(f"password: {added.password}")
+    elif password is not None:
+        typer.echo(f"password: from {PASSWORD_ENV}")
+    else:
+        typer.echo("password: unchanged")

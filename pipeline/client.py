@@ -1,6 +1,6 @@
 """A small client of the bus contract, for services that publish events and for compute hosts.
 
-Publishing (any service)::
+Publishing (any service, as the broker user ``bindpipe-publisher``)::
 
     from pipeline.client import BindingClient
 
@@ -11,10 +11,12 @@ Publishing (any service)::
             result = results.wait(port_id="p1", event_id=envelope.event_id, timeout=30)
         print(result["vif_type"], result["vif_details"])
 
-A compute host consumes its own durable queue (``binding.results.<host>``)::
+A compute host consumes its own durable queue (``binding.results.<host>``), as its own broker user
+(``bindpipe-compute.<host>``, made by ``bindpipe broker add-compute-host``)::
 
-    for result in client.watch("compute-7"):                    # acked once the loop body returns
-        plug(result)
+    with BindingClient("amqp://bindpipe-compute.compute-7:…@rabbit:5672/bindpipe") as client:
+        for result in client.watch("compute-7"):                # acked once the loop body returns
+            plug(result)
 
 Results carry a ``seq``; a result may arrive twice (an outbox relay after a crash, a replay) but
 always with the same ``seq`` and body, so a consumer drops a ``seq`` it has already applied.
@@ -34,7 +36,7 @@ from pipeline.models.events import Envelope
 from pipeline.settings import Settings
 from pipeline.workers.publisher import BatchPublisher, connect_with_retry
 from pipeline.workers.signing import event_publisher
-from pipeline.workers.topology import EVENTS, RESULTS, host_routing_key, results_queue
+from pipeline.workers.topology import EVENTS, RESULTS_PASSIVE, existing_results_queue, host_routing_key
 
 
 class ResultTimeout(TimeoutError):
@@ -42,10 +44,11 @@ class ResultTimeout(TimeoutError):
 
 
 class ResultStream:
-    """Results for one host on a private queue that exists only while the stream is open."""
+    """Results for one host on a private queue that exists only while the stream is open (named
+    ``bindpipe.client.…``: the only queues the publisher's broker user may declare)."""
 
     def __init__(self, connection: Connection, host: str):
-        queue = Queue(f"bindpipe.client.{host}.{uuid.uuid4().hex[:12]}", RESULTS,
+        queue = Queue(f"bindpipe.client.{host}.{uuid.uuid4().hex[:12]}", RESULTS_PASSIVE,
                       routing_key=host_routing_key(host), exclusive=True, auto_delete=True)
         self.simple = connection.SimpleQueue(queue, no_ack=True)
         self.seen: list[dict[str, Any]] = []
@@ -130,7 +133,8 @@ class BindingClient:
     def watch(self, host: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """The host's durable result queue, in order; each message is acked once the caller asks
         for the next one. Stops after ``timeout`` seconds without a message (None: never)."""
-        simple = self.connection.SimpleQueue(results_queue(host, self.settings), no_ack=False)
+        simple = self.connection.SimpleQueue(existing_results_queue(self.connection, host, self.settings),
+                                             no_ack=False)
         try:
             while True:
                 try:

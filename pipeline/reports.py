@@ -97,6 +97,11 @@ def _verdict(job: BindingJob | None, reached: list[str], outputs: dict[str, Any]
         row = next((r for r in reversed(results) if r.host == target), results[-1])
         result = BindingResult.model_validate(row.body)
         host = row.host or "no host"
+        if job is None:  # a result without a job: the event was refused, before anything was stored
+            told = [r.host for r in results if r.host]
+            where = (f"{told[-1]} was told binding_failed" if told else
+                     "no host was told (the port is bound where the event named: that binding stands)")
+            return "refused", f"{result.error}; nothing changed, {where}"
         if result.error:
             return "error", result.error
         if result.bound:
@@ -153,6 +158,8 @@ def _attempt(data: dict[str, Any], port_id: str, event_id: str) -> dict[str, Any
         "results": [_result(r) for r in results],
         "dead_letters": [{"stage": d.stage, "reason": d.reason, "received_at": _iso(d.received_at)} for d in dead],
     }
+    if job is None and event is not None and results:
+        attempt["inputs"] = _refused_inputs(event.envelope, results[-1])
     if job is not None:
         first = validated or job
         attempt["inputs"] = {
@@ -173,10 +180,20 @@ def _attempt(data: dict[str, Any], port_id: str, event_id: str) -> dict[str, Any
     return attempt
 
 
+def _refused_inputs(envelope: dict[str, Any], result: ResultRow) -> dict[str, Any]:
+    """What a refused event asked for, as it arrived (nothing of it was stored)."""
+    payload, context = envelope.get("payload") or {}, envelope.get("context") or {}
+    return {"host": payload.get("host"), "old_host": None, "revision": None, "vnic_type": payload.get("vnic_type"),
+            "profile": payload.get("profile"), "user_id": context.get("user_id"),
+            "project_id": context.get("project_id"), "roles": list(context.get("roles") or []), "warnings": [],
+            "error": BindingResult.model_validate(result.body).error}
+
+
 def explain_port(session: Session, port_id: str) -> dict[str, Any]:
     """Everything stored about ``port_id``: its current rows, and every binding attempt oldest first.
 
-    ``state`` is ``present``, ``deleted`` (no port row, history kept) or ``unknown``; ``summary`` is
+    ``state`` is ``present``, ``deleted`` (no port row, history kept), ``refused`` (every event
+    for it was refused: never stored) or ``unknown``; ``summary`` is
     the latest meaningful attempt's outcome and reason (what an operator asks first).
     """
     row = session.get(PortRow, port_id)
@@ -205,7 +222,8 @@ def explain_port(session: Session, port_id: str) -> dict[str, Any]:
                               .order_by(PciDeviceRow.host, PciDeviceRow.address))
     report: dict[str, Any] = {
         "port_id": port_id,
-        "state": "present" if row is not None else "deleted" if attempts else "unknown",
+        "state": ("present" if row is not None else "deleted" if any(a["action"] for a in attempts)
+                  else "refused" if attempts else "unknown"),
         "port": None if row is None else {
             "network_id": row.network_id, "host": row.host, "vnic_type": row.vnic_type, "profile": row.profile,
             "revision": row.revision, "device_owner": row.body.get("device_owner"),
@@ -233,6 +251,9 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         if report["dead_letters"]:
             reason += f" (but {len(report['dead_letters'])} dead-lettered message(s) do: see below)"
         return {"outcome": "unknown", "reason": reason, "event": None}
+    if report["state"] == "refused":
+        return {"outcome": "refused", "event": latest["event"],
+                "reason": f"{latest['reason']} (every event for this port was refused: it was never stored)"}
     if report["state"] == "deleted":
         gone = next((a for a in reversed(attempts) if a["event"]["event_type"] == "port.delete"), latest)
         return {"outcome": "deleted", "event": gone["event"],

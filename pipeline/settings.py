@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -73,9 +73,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     agent_down_time: int = Field(75, ge=1, description="seconds without heartbeat before an agent is dead")
     heartbeat: int = Field(30, ge=0, description="AMQP heartbeat in seconds")
+    confirm_timeout: float = Field(10.0, gt=0, description="seconds to wait for the broker to confirm a batch")
+    transaction_retry_seconds: float = Field(
+        5.0, ge=0, description="how long a worker retries a transaction that met a transient error before it holds "
+        "the batch (kept in hand, unacked) and tries again later")
+    hold_backoff_min: float = Field(0.5, gt=0, description="first pause before a held batch is tried again")
+    hold_backoff_max: float = Field(10.0, gt=0, description="longest pause between tries of a held batch")
     signing_keys: dict[str, SecretStr] = Field(default_factory=dict, description="key id -> HMAC secret")
     require_signatures: bool = False
     signing_key_id: str | None = Field(None, description="the key this process signs what it publishes with")
+    signing_key_roles: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="key id -> the roles an "
+                                                           "event signed with it may assert (none if not listed)")
     declare_topology: bool = Field(True, description="declare exchanges and queues at start; false for a "
                                    "least-privilege broker user (the definitions file declares them)")
     broker_tls: bool = False
@@ -105,6 +113,15 @@ class Settings(BaseSettings):
                 except ValidationError:
                     pass  # DriverConfig names the option and the value
         return read
+
+    @model_validator(mode="after")
+    def _every_verified_key_has_roles(self) -> "Settings":
+        """Where signatures are required, a key without an entry could assert no role at all: that
+        is an upgrade's missing setting far more often than an intent, so say so at start."""
+        if self.require_signatures and (missing := sorted(set(self.signing_keys) - set(self.signing_key_roles))):
+            raise ValueError(f"signing_key_roles: no entry for signing key(s) {missing}: list the roles each key "
+                             "may assert in an event's context ([] for none)")
+        return self
 
     def driver_config(self) -> DriverConfig:
         return self.ml2.model_copy(update={"mechanism_drivers": tuple(self.mechanism_drivers)})

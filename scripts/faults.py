@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, help="workload events (large plan; default 5200)")
     parser.add_argument("--rate", type=float, help="workload events per second (large plan; default 30)")
     parser.add_argument("--crash-spec", help="BINDPIPE_FAULT_CRASH for every worker start without a planned crash, "
-                                             "e.g. 'before_reject=0.05' (see tests/faults/worker.py)")
+                                             "e.g. 'after_dead_letter=0.05' (see tests/faults/worker.py)")
     parser.add_argument("--json", type=Path, help="write the summary and figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the vhost, the database and the run directory")
     args = parser.parse_args()

@@ -48,8 +48,8 @@ def run_stage(engine, handler, bodies: list[bytes], per_batch: int) -> tuple[lis
     cpu_started = time.process_time()
     for first in range(0, len(bodies), per_batch):
         started = time.perf_counter()
-        items = [item for body in bodies[first:first + per_batch] for item in handler.decode(body, {})]
-        outputs = run_transaction(engine, lambda session, i=items: handler.handle(session, i))
+        items = [item for body in bodies[first:first + per_batch] for item in handler.decode(body, {}, "application/json")]
+        outputs = run_transaction(engine, lambda session, i=items: handler.handle(session, i)).publishes
         out += [body for exchange, _, body in handoff_messages(outputs) if exchange == STAGE_EXCHANGE.name]
         seconds += time.perf_counter() - started
     return out, seconds, time.process_time() - cpu_started

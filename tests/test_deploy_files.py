@@ -43,8 +43,7 @@ STAGES = ("validate", "select", "allocate", "compose")
 NUMPROCS = {"validate": 2, "select": 2, "allocate": 1, "compose": 2}
 # The rabbitmq_prometheus families the dashboard and alerts may use (per-object endpoint).
 RABBITMQ_FAMILIES = {"rabbitmq_queue_messages_ready", "rabbitmq_queue_messages_unacked", "rabbitmq_queue_consumers"}
-DEV_PASSWORDS = {"bindpipe-publisher": "publisher-dev-password", "bindpipe-worker": "worker-dev-password",
-                 "bindpipe-compute": "compute-dev-password"}
+DEV_PASSWORDS = {"bindpipe-publisher": "publisher-dev-password", "bindpipe-worker": "worker-dev-password"}
 
 
 def metric_names(expr: str) -> tuple[set[str], set[str]]:
@@ -356,26 +355,38 @@ def test_definitions_permission_regexes_match_exactly_what_each_user_needs() -> 
 
     stage_queues = [f"binding.{s}" for s in STAGES] + [f"binding.{s}.dlq" for s in STAGES]
     everything = ["binding.events", "binding.stages", "binding.results", "binding.dlx", "amq.default",
-                  "binding.results.compute-1", *stage_queues]
-    assert [r for r in everything if allows("bindpipe-publisher", "write", r)] == ["binding.events"]
-    assert not any(allows("bindpipe-publisher", k, r) for k in ("configure", "read") for r in everything)
+                  "binding.results.compute-1", *stage_queues, "bindpipe.client.compute-1.0a1b2c", "bindpipe.client"]
+    private = "bindpipe.client.compute-1.0a1b2c"  # what BindingClient.results_for declares
+    assert [r for r in everything if allows("bindpipe-publisher", "configure", r)] == [private]
+    assert [r for r in everything if allows("bindpipe-publisher", "write", r)] == ["binding.events", private]
+    assert [r for r in everything if allows("bindpipe-publisher", "read", r)] == ["binding.results", private]
     assert [r for r in everything if allows("bindpipe-worker", "write", r)] == ["binding.stages", "binding.results",
                                                                                 "binding.dlx"]
     assert [r for r in everything if allows("bindpipe-worker", "read", r)] == stage_queues
     assert not any(allows("bindpipe-worker", "configure", r) for r in everything)
-    assert [r for r in everything if allows("bindpipe-compute", "configure", r)] == ["binding.results.compute-1"]
-    assert [r for r in everything if allows("bindpipe-compute", "write", r)] == ["binding.results.compute-1"]
-    assert [r for r in everything if allows("bindpipe-compute", "read", r)] == ["binding.results",
-                                                                                "binding.results.compute-1"]
     topics = {(t["user"], t["exchange"]): t for t in definitions["topic_permissions"]}
     publisher_topics = topics[("bindpipe-publisher", "binding.events")]["write"]
     for key in ("agent.report", "pci.inventory", "network.upsert", "network.delete", "port.create", "port.update",
                 "port.delete", "binding.request"):
         assert re.search(publisher_topics, key)
     assert not re.search(publisher_topics, "port.create.extra")
-    compute_binds = topics[("bindpipe-compute", "binding.results")]["read"]
-    assert re.search(compute_binds, "host.compute-1.example.org")
-    assert not any(re.search(compute_binds, key) for key in ("host.#", "host.*", "#", "other.compute-1"))
+    listens = topics[("bindpipe-publisher", "binding.results")]
+    assert re.search(listens["read"], "host.compute-1.example.org") and listens["write"] == "^$"
+    assert not any(re.search(listens["read"], key) for key in ("host.#", "host.*", "#", "other.compute-1"))
+    assert set(perms) == {"bindpipe-publisher", "bindpipe-worker"}, "compute hosts: bindpipe broker add-compute-host"
+
+
+def test_a_compute_host_user_may_read_its_own_queue_and_nothing_else() -> None:
+    from pipeline.broker_users import BrokerAdminError, compute_permissions
+
+    perms = compute_permissions("compute-1.example.org")
+    assert perms["configure"] == perms["write"] == "^$"
+    others = ["binding.results.compute-1xexample.org", "binding.results.compute-1.example.org.spy",
+              "binding.results.compute-2.example.org", "binding.results", "binding.events", "binding.validate"]
+    assert re.search(perms["read"], "binding.results.compute-1.example.org")
+    assert not any(re.search(perms["read"], name) for name in others)
+    with pytest.raises(BrokerAdminError, match="is not a host name"):
+        compute_permissions("compute-1.#")
 
 
 # --- Prometheus --------------------------------------------------------------------------------

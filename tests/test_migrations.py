@@ -31,7 +31,7 @@ from tests.services import fresh_database
 
 pytestmark = pytest.mark.services
 
-HEAD = "0005"
+HEAD = "0006"
 PF, VF0, VF1 = "0000:81:00.0", "0000:81:10.0", "0000:81:10.1"
 
 
@@ -91,9 +91,11 @@ def pg_catalog(engine: Engine) -> dict[str, list[tuple]]:
 
 
 def sqlite_catalog(engine: Engine) -> list[tuple]:
+    """sqlite_master's rows; a table that a batch migration rebuilt has its name quoted, nothing else."""
     with engine.connect() as conn:
-        return sorted(tuple(row) for row in conn.execute(text(
-            "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE tbl_name <> 'alembic_version'")))
+        return sorted((kind, name, table, sql and sql.replace(f'"{table}"', table)) for kind, name, table, sql in
+                      conn.execute(text("SELECT type, name, tbl_name, sql FROM sqlite_master "
+                                        "WHERE tbl_name <> 'alembic_version'")))
 
 
 def insert_device(conn, address: str, is_pf: int, owner: str | None, host: str = "compute-1") -> None:  # noqa: ANN001
@@ -223,6 +225,34 @@ def test_0005_drops_the_indexes_no_query_reads_and_its_downgrade_restores_them(p
     assert not dropped & after and ("results", "ix_results_port_id") in after  # the others stay
     assert migrate.downgrade(pg_url, "0004") == "0004"
     assert dropped <= indexes()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_0006_keeps_dead_letter_bodies_as_bytes_and_the_old_rows_whole(dialect: str, pg_url: str, tmp_path: Path,
+                                                                          engine_of):
+    """A row written before keeps its text as UTF-8 bytes, its category and hash are filled in; a
+    body with a NUL byte (which a text column refused) is stored; the downgrade gives the text back."""
+    import hashlib
+
+    url = pg_url if dialect == "postgresql" else sqlite_url(tmp_path / "dl.db")
+    assert migrate.upgrade(url, "0005") == "0005"
+    engine = engine_of(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO dead_letters (stage, reason, event_id, port_id, body, received_at) "
+                          "VALUES ('validate', 'bad_json: body is not JSON', NULL, NULL, '{\"é\": ', :at)"),
+                     {"at": datetime.now(UTC)})
+    assert migrate.upgrade(url) == HEAD
+    with engine.begin() as conn:
+        body, category, digest = conn.execute(text("SELECT body, category, body_sha256 FROM dead_letters")).one()
+        assert bytes(body) == '{"é": '.encode() and category == "bad_json"
+        assert digest == hashlib.sha256('{"é": '.encode()).hexdigest()
+        conn.execute(text("INSERT INTO dead_letters (stage, category, reason, body, body_sha256, received_at) "
+                          "VALUES ('validate', 'bad_json', 'bad_json: x', :body, 'h', :at)"),
+                     {"body": b"\x00\xff not json", "at": datetime.now(UTC)})
+    assert model_differences(engine) == []
+    assert migrate.downgrade(url, "0005") == "0005"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT body FROM dead_letters ORDER BY id")).scalars().first() == '{"é": '
 
 
 def test_the_migrated_exclusion_constraint_exists_and_refuses_a_pf_beside_its_vf(pg_url: str, engine_of):

@@ -225,7 +225,7 @@ def test_a_refused_login_and_a_refused_publish_are_one_line_and_exit_2(pg_url, a
         worker_url = amqp_url.replace("guest:guest@", f"{user}:{password}@")
         done = run(["replay", "events", "--from", "1"], tmp_path, BINDPIPE_BROKER_URL=worker_url,
                    BINDPIPE_DATABASE_URL=pg_url)
-        line = one_line(done, 2, "ACCESS_REFUSED", "binding.events", "bindpipe-publisher")
+        line = one_line(done, 2, "ACCESS_REFUSED", "binding.events", "publisher")
         assert password not in line
         done = run(["declare"], tmp_path, BINDPIPE_BROKER_URL=worker_url.replace(password, "wrong"))
         one_line(done, 2, "refused the login", "BINDPIPE_BROKER_URL")

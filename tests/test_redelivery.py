@@ -33,8 +33,8 @@ def test_a_late_copy_of_a_first_incarnations_job_leaves_the_new_ports_device_alo
 
     allocate = pipeline.handlers["allocate"]
     again = run_transaction(pipeline.engine, lambda session: allocate.handle(session, first_jobs))
-    assert allocate.duplicates == 1 and len(again) == 1  # recognised by its mark: what it handed on, again
-    pipeline.run([BindingJob.model_validate(again[0].body)], "compose")  # compose recognises it too
+    assert again.duplicates == 1 and len(again.publishes) == 1  # recognised by its mark: what it handed on, again
+    pipeline.run([BindingJob.model_validate(again.publishes[0].body)], "compose")  # compose recognises it too
     assert owners(pipeline) == {VF0: "p"}, "the late copy released the new port's VF"
     with Session(pipeline.engine) as session:
         assert session.scalar(select(func.count()).select_from(ResultRow)) == results

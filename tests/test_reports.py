@@ -23,7 +23,8 @@ from pipeline.reports import (collect_status, explain_port, main_explain, main_s
 from pipeline.models.binding import RequestContext
 from pipeline.models.events import Envelope
 from pipeline.models.jobs import BindingJob
-from pipeline.models.tables import DeadLetter, EventLog, ResultRow
+from pipeline.models.tables import EventLog, ResultRow
+from pipeline.store import dead_letters
 from pipeline.settings import Settings
 from pipeline.workers.handlers import HANDLERS
 from pipeline.workers.messages import PoisonMessage
@@ -60,14 +61,15 @@ class Pipeline:
 
     def send(self, kind: str, payload: dict, at: datetime, until: str = "compose") -> tuple[Envelope, list[BindingJob]]:
         """Publish an event and run it through the stages up to ``until``; the jobs still pending."""
-        env = Envelope(event_id=uuid.uuid4(), event_type=kind, occurred_at=at, context=NOVA, payload=payload)
-        items = self.handlers["validate"].decode(json.dumps(env.model_dump(mode="json")).encode())
-        return env, self.run(items, "validate", until)
+        raw = {"event_id": str(uuid.uuid4()), "event_type": kind, "occurred_at": at.isoformat(),
+               "context": NOVA.model_dump(mode="json"), "payload": payload}
+        items = self.handlers["validate"].decode(json.dumps(raw).encode(), {}, "application/json")
+        return items[0], self.run(items, "validate", until)
 
     def run(self, items: list, first: str, last: str = "compose") -> list[BindingJob]:
         for stage in STAGES[STAGES.index(first):STAGES.index(last) + 1]:
             handler = self.handlers[stage]
-            out = run_transaction(self.engine, lambda session, h=handler, i=items: h.handle(session, i))
+            out = run_transaction(self.engine, lambda session, h=handler, i=items: h.handle(session, i)).publishes
             items = [BindingJob.model_validate_json(p.body) for p in out if p.exchange == STAGE_EXCHANGE.name]
         return items
 
@@ -75,10 +77,10 @@ class Pipeline:
         """As the worker does with a poison message: record it in ``dead_letters``."""
         try:
             self.send(kind, payload, at)
-        except PoisonMessage as poison:
-            run_transaction(self.engine, lambda s: s.add(DeadLetter(
-                stage="validate", reason=f"{poison.category}: {poison.reason}", event_id=poison.event_id,
-                port_id=poison.port_id, body=json.dumps(payload))))
+        except PoisonMessage as refusal:
+            poison = refusal
+            run_transaction(self.engine, lambda s: dead_letters.add(
+                s, dead_letters.Arrival("validate", json.dumps(payload).encode()), poison))
         else:
             raise AssertionError(f"{kind} {payload} was not refused")
 
@@ -252,10 +254,12 @@ def test_superseded_in_progress_and_unchanged_events_are_told_apart(pipeline):
 def test_invalid_request_shows_the_validation_error(pipeline):
     pipeline.send("port.create", ovs_port("bad", vnic_type="warp-drive"), T0 + timedelta(seconds=5))
     report = pipeline.explain("bad")
-    assert report["summary"]["outcome"] == "error"
+    assert report["state"] == "refused" and report["port"] is None, "a refused create stores no port"
+    assert report["summary"]["outcome"] == "refused"
     assert report["summary"]["reason"].startswith("InvalidInput")
     assert "warp-drive" in report["summary"]["reason"]
-    assert report["attempts"][0]["inputs"]["error"] == report["summary"]["reason"]
+    assert report["attempts"][0]["inputs"]["vnic_type"] == "warp-drive"
+    assert report["attempts"][0]["inputs"]["error"].startswith("InvalidInput: binding:vnic_type")
     assert report["attempts"][0]["selection"] is None
 
 
@@ -269,17 +273,25 @@ def test_port_without_host_is_unbound_with_the_reason(pipeline):
 
 def test_unknown_port_is_a_clear_no_with_the_dead_letters_that_name_it(pipeline):
     assert pipeline.explain("never")["state"] == "unknown"
-    pipeline.send_or_dead_letter("binding.request", {"port_id": "ghost", "host": "compute-1"}, T0)
+    pipeline.send_or_dead_letter("port.update", {"id": "ghost", "host": "compute-1"}, T0)  # no network_id
     report = pipeline.explain("ghost")
 
     assert report["state"] == "unknown" and report["attempts"] == [] and report["port"] is None
     assert report["summary"]["outcome"] == "unknown"
     assert report["summary"]["reason"].startswith("no such port")
     assert [(d["stage"], d["reason"]) for d in report["dead_letters"]] == [
-        ("validate", "bad_schema: binding.request for unknown port ghost")]
+        ("validate", "bad_schema: network_id: Field required")]
     text = render_explain(report)
     assert text.startswith("port ghost: UNKNOWN: no such port")
-    assert "dead letter [validate]" in text and "binding.request for unknown port ghost" in text
+    assert "dead letter [validate]" in text and "network_id: Field required" in text
+
+
+def test_a_binding_request_for_an_unknown_port_is_refused_and_stores_nothing(pipeline):
+    pipeline.send("binding.request", {"port_id": "ghost", "host": "compute-1"}, T0)
+    report = pipeline.explain("ghost")
+    assert report["state"] == "refused" and report["port"] is None and report["bindings"] == []
+    assert report["summary"]["reason"].startswith("InvalidInput: port_id: port ghost is not known; nothing changed, "
+                                                  "compute-1 was told binding_failed")
 
 
 def test_main_explain_exit_codes_and_json(pipeline, settings, capsys):
@@ -312,7 +324,7 @@ def test_status_reports_agents_pci_pools_bindings_and_dead_letters(pipeline, set
         pipeline.send("port.create", sriov_port(port_id), T0 + timedelta(seconds=5))
     pipeline.send("port.create", ovs_port("o1"), T0 + timedelta(seconds=5))
     pipeline.send("agent.report", OVS_AGENT, T0 + timedelta(seconds=60))
-    pipeline.send_or_dead_letter("binding.request", {"port_id": "ghost", "host": "compute-1"}, T0)
+    pipeline.send_or_dead_letter("port.update", {"id": "ghost", "host": "compute-1"}, T0)  # no network_id
     pipeline.mark_published()
     pipeline.send("port.create", ovs_port("o2"), T0 + timedelta(seconds=61))  # its result is not published yet
     report = pipeline.status(T0 + timedelta(seconds=100))
@@ -330,7 +342,7 @@ def test_status_reports_agents_pci_pools_bindings_and_dead_letters(pipeline, set
     assert report["hosts"]["compute-1"]["bindings"] == {"ovs": 2}
     assert report["dead_letters"]["total"] == 1 and report["dead_letters"]["by_stage"] == {"validate": 1}
     (latest,) = report["dead_letters"]["latest"]
-    assert (latest["reason"], latest["port_id"]) == ("bad_schema: binding.request for unknown port ghost", "ghost")
+    assert (latest["reason"], latest["port_id"]) == ("bad_schema: network_id: Field required", "ghost")
     assert report["results_unpublished"] == 1
     assert report["broker"] is None
 

@@ -38,8 +38,8 @@ def run_batch(engine: Engine, settings: Settings, bodies: list[bytes]) -> None:
     """One batch per stage: every message of the previous stage's output at once."""
     for stage in STAGES:
         handler = HANDLERS[stage](settings)
-        items = [item for body in bodies for item in handler.decode(body, {})]
-        outputs = run_transaction(engine, lambda session, h=handler, i=items: h.handle(session, i))
+        items = [item for body in bodies for item in handler.decode(body, {}, "application/json")]
+        outputs = run_transaction(engine, lambda session, h=handler, i=items: h.handle(session, i)).publishes
         bodies = [body if isinstance(body, bytes) else orjson.dumps(body)
                   for exchange, _, body in handoff_messages(outputs) if exchange == "binding.stages"]
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 from kombu import Connection
+from kombu.message import Message
 from sqlalchemy.exc import OperationalError
 
 from pipeline.db import create_schema, make_engine
@@ -95,32 +96,37 @@ def test_one_poison_job_of_a_hand_off_is_dead_lettered_alone(embedded, monkeypat
 
     run_until(worker, lambda: marked() == 4)  # three handled, and the poison's (empty) mark
     with engine.connect() as db:
-        (reason, port_id), = db.execute(sa.text("select reason, port_id from dead_letters")).all()
+        (reason, port_id, body), = db.execute(sa.text("select reason, port_id, body from dead_letters")).all()
         poison_mark = db.execute(sa.text("select output from stage_marks where job_id='e2:p2'")).scalar()
     assert poison_mark == "[]", "a redelivered hand-off skips the dead-lettered job"
     assert reason == "other: KeyError: 'boom'" and port_id == "p2"
-    parked = dlq.get(no_ack=True)
-    assert parked is not None and parked.decode()["job_id"] == "e2:p2"
+    assert BindingJob.model_validate_json(body).job_id == "e2:p2", "the dead letter keeps the job itself"
+    assert dlq.get(no_ack=True) is None, "recorded in the database, not parked on the DLQ"
     compose = connection.SimpleQueue("binding.compose", no_ack=True)
     handed_on = [j["job_id"] for _ in range(3) for j in compose.get(timeout=1).decode()["jobs"]]
     assert sorted(handed_on) == ["e0:p0", "e1:p1", "e3:p3"]  # retried one by one, each handed on once
 
 
-def test_a_transient_failure_requeues_and_the_retry_succeeds(embedded, monkeypatch):
+def test_a_transient_failure_holds_the_batch_and_the_retry_succeeds(embedded, monkeypatch):
+    """The database away: the batch stays in hand (nothing requeued, nothing dead-lettered) and is
+    tried again after a pause."""
     settings, engine, connection = embedded
+    settings = settings.model_copy(update={"transaction_retry_seconds": 0, "hold_backoff_min": 0.05})
     original = handlers.AllocateHandler.handle_one
     failures = []
 
     def flaky(self, session, item):  # noqa: ANN001, ANN202
-        if not failures:
+        if len(failures) < 3:
             failures.append(item.port_id)
             raise OperationalError("select 1", {}, Exception("server closed the connection"))
         return original(self, session, item)
 
     monkeypatch.setattr(handlers.AllocateHandler, "handle_one", flaky)
-    monkeypatch.setattr("pipeline.db.stop_after_delay", lambda _: __import__("tenacity").stop_after_attempt(1))
     BatchPublisher(connection).publish([(STAGE_EXCHANGE.name, "allocate", {"jobs": [job(1)]})])
     worker = Worker(settings, engine, ["allocate"], connection=connection)
+    settled: list[str] = []
+    monkeypatch.setattr(Message, "requeue", lambda self: settled.append("requeue"))
+    monkeypatch.setattr(Message, "reject", lambda self, requeue=False: settled.append("reject"))
 
     def marked() -> int:
         with engine.connect() as db:
@@ -129,40 +135,35 @@ def test_a_transient_failure_requeues_and_the_retry_succeeds(embedded, monkeypat
     run_until(worker, lambda: marked() == 1)
     with engine.connect() as db:
         assert db.execute(sa.text("select count(*) from dead_letters")).scalar() == 0
-    assert failures == ["p1"]
+    assert failures == ["p1"] * 3 and settled == []
 
 
-def test_after_a_transient_failure_the_rest_of_a_batch_goes_back_untried(embedded, monkeypatch):
-    """One by one after a failed batch: once an item meets a transient error (the database away,
-    each attempt retried for up to 20 s), the items after it are not tried; their messages are
-    requeued with it, and nothing is dead-lettered."""
+def test_after_a_transient_failure_the_rest_of_a_batch_is_held_untried(embedded, monkeypatch):
+    """One by one after a failed batch: once an item meets a transient error (the database away),
+    it and the items after it are held in hand, untried and unsettled; the items before it are
+    settled (a message is acked once all its items are)."""
     settings, engine, connection = embedded
     worker = Worker(settings, engine, ["allocate"], connection=connection)
     tried: list[str] = []
 
-    def database_away(handler, items):  # noqa: ANN001, ANN202
+    def database_away_from_p2(handler, items):  # noqa: ANN001, ANN202
         tried.append(items[0].port_id)
-        raise OperationalError("select 1", {}, Exception("server closed the connection"))
+        if items[0].port_id == "p2":
+            raise OperationalError("select 1", {}, Exception("server closed the connection"))
+        return []  # nothing refused
 
-    monkeypatch.setattr(worker, "commit_and_publish", database_away)
-    settled: list[tuple[int, str]] = []
-
-    class Delivery:
-        def __init__(self, tag: int):
-            self.delivery_tag = tag
-
-        def requeue(self) -> None:
-            settled.append((self.delivery_tag, "requeue"))
-
-        def ack(self) -> None:
-            settled.append((self.delivery_tag, "ack"))
-
-    first, second = Delivery(1), Delivery(2)
-    jobs = [BindingJob.model_validate(job(n)) for n in range(4)]
-    worker.one_by_one(worker.buffers["allocate"].handler, [(first, jobs[0]), (first, jobs[1]), (second, jobs[2]),
-                                                            (second, jobs[3])])
-    assert tried == ["p0"]
-    assert settled == [(1, "requeue"), (2, "requeue")]
+    monkeypatch.setattr(worker, "commit_and_publish", database_away_from_p2)
+    acks: list = []
+    first, second, third = FakeDelivery(1, acks), FakeDelivery(2, acks), FakeDelivery(3, acks)
+    worker.open = {1: 2, 2: 2, 3: 1}
+    jobs = [BindingJob.model_validate(job(n)) for n in range(5)]
+    buffer = worker.buffers["allocate"]
+    worker.one_by_one(buffer, [(first, jobs[0]), (first, jobs[1]), (second, jobs[2]), (second, jobs[3]),
+                               (third, jobs[4])])
+    assert tried == ["p0", "p1", "p2"]
+    assert acks == [(1, False)]
+    assert [(m.delivery_tag, j.port_id) for m, j in buffer.items] == [(2, "p2"), (2, "p3"), (3, "p4")]
+    assert buffer.held_until > time.monotonic() and worker.open == {2: 2, 3: 1}
 
 
 class FakeDelivery:
@@ -182,17 +183,17 @@ class FakeDelivery:
 def test_a_batch_is_acked_with_one_frame_only_when_nothing_unhandled_is_below_it(in_hand, batch, expected):
     worker = Worker(Settings(broker_url="amqp://guest:guest@127.0.0.1:5672//"), None, ["validate"])
     acks: list = []
-    worker.unsettled = set(in_hand)
+    worker.open = dict.fromkeys(in_hand, 1)
     worker.ack_all([FakeDelivery(tag, acks) for tag in batch])
     assert acks == expected
-    assert worker.unsettled == set(in_hand) - set(batch)
+    assert set(worker.open) == set(in_hand) - set(batch)
 
 
 def test_the_in_memory_transport_is_acked_one_by_one(embedded):
     settings, engine, connection = embedded
     worker = Worker(settings, engine, ["validate"], connection=connection)
     acks: list = []
-    worker.unsettled = {1, 2}
+    worker.open = {1: 1, 2: 1}
     worker.ack_all([FakeDelivery(1, acks), FakeDelivery(2, acks)])
     assert acks == [(1, False), (2, False)]  # it ignores ``multiple``
 

@@ -95,6 +95,11 @@ class Envelope(BaseModel):
         raw = self.__pydantic_private__["_raw"]
         return orjson.Fragment(raw) if raw is not None else self.model_dump(mode="json")
 
+    def as_json(self) -> Any:
+        """The envelope as JSON values: what arrived, parsed (two copies of one event compare equal)."""
+        raw = self.__pydantic_private__["_raw"]
+        return orjson.loads(raw) if raw is not None else self.model_dump(mode="json")
+
     @model_validator(mode="after")
     def _payload_matches_type(self) -> "Envelope":
         self.typed_payload()

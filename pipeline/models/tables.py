@@ -12,7 +12,20 @@ Invariants are the database's, not only the code's:
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, event, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    event,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -196,7 +209,14 @@ class ResultRow(Base):
 
 
 class DeadLetter(Base):
+    """A message no stage could take, kept whole with why: refused by a worker (``category`` is the
+    refusal's), or given up on by the broker after its delivery limit (``delivery_limit``). The body
+    is kept as bytes (any bytes: NUL, invalid UTF-8) with its routing key and headers, so that
+    ``bindpipe dlq redrive`` can publish it again exactly as it came; ``redriven_at`` says when that
+    was done, and a copy refused again names the dead letter it was redriven from (``redrive_of``)."""
+
     __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_body_sha256", "stage", "body_sha256"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
@@ -204,8 +224,14 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(Text)
     event_id: Mapped[str | None] = mapped_column(String(64), index=True)
     port_id: Mapped[str | None] = mapped_column(String(64))
-    body: Mapped[str] = mapped_column(Text)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    category: Mapped[str] = mapped_column(String(32))
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    routing_key: Mapped[str | None] = mapped_column(String(255))
+    headers: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    redriven_at: Mapped[datetime | None]
+    redrive_of: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
 
 
 PG_PF_VF_EXCLUSION = (

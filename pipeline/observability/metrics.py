@@ -48,6 +48,7 @@ from prometheus_client import (
 )
 
 from pipeline.models.reasons import FAILURE_REASONS, failure_reason_category
+from pipeline.models.refusals import DEAD_LETTER_CATEGORIES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR_ENV = "BINDPIPE_METRICS_DIR"
@@ -55,10 +56,7 @@ METRICS_DIR_ENV = "BINDPIPE_METRICS_DIR"
 STAGES = ("validate", "select", "allocate", "compose")
 STAGE_OUTCOMES = ("ok", "duplicate", "rejected", "dead_lettered", "retried")
 BINDING_OUTCOMES = ("bound", "failed", "unbound", "error")
-DEAD_LETTER_REASONS = (
-    "bad_json", "bad_schema", "unknown_event_type", "too_large", "not_utf8", "missing_event_id",
-    "bad_signature", "delivery_limit", "other",
-)
+DEAD_LETTER_REASONS = DEAD_LETTER_CATEGORIES
 PCI_STATES = ("available", "claimed", "allocated", "unavailable", "unclaimable")
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from pipeline.db import among, insert_rows
 from pipeline.models.tables import AgentRow, BindingRow, NetworkRow, PortRow, SegmentRow
 from pipeline.models.topology import Agent, Network, Port, Segment, Subnet
-from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES, VIF_TYPE_BINDING_FAILED
+from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES, VIF_TYPE_BINDING_FAILED, VIF_UNPLUGGED_TYPES
 
 PORT_INPUT_KEYS = ("host", "vnic_type", "profile")
 
@@ -192,3 +192,9 @@ def failed_ports_on_host(session: Session, host: str) -> list[str]:
     return list(session.scalars(select(BindingRow.port_id).where(
         BindingRow.host == host, BindingRow.status == "ACTIVE",
         BindingRow.vif_type == literal(VIF_TYPE_BINDING_FAILED, literal_execute=True))))
+
+
+def bound_on(session: Session, port_id: str, host: str) -> bool:
+    """Does the port hold a binding on ``host`` that a compute host plugs (not failed, not unbound)?"""
+    return session.scalar(select(BindingRow.vif_type).where(BindingRow.port_id == port_id, BindingRow.host == host)
+                          ) not in (None, *VIF_UNPLUGGED_TYPES)

@@ -7,6 +7,7 @@ changes nothing.
 """
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -20,20 +21,33 @@ from pipeline.models import vocabulary as v
 from pipeline.models.binding import AllocationDecision, BindingResult, DriverConfig
 from pipeline.models.events import Envelope
 from pipeline.models.jobs import BindingJob
-from pipeline.models.tables import AgentRow, PortRow, ResultRow, utcnow
+from pipeline.models.refusals import CONFLICTING_EVENT_ID, PoisonMessage
+from pipeline.models.tables import AgentRow, EventLog, PortRow, ResultRow, utcnow
 from pipeline.models.topology import Agent, Port
 from pipeline.observability.logging import bind_event_context_lazily
 from pipeline.settings import Settings
 from pipeline.stages.composition import compose_result
-from pipeline.stages.errors import BindingRequestError
+from pipeline.stages.errors import BindingRequestError, InvalidInput
 from pipeline.stages.selection import manager_for
 from pipeline.stages.validation import ValidatedRequest, validate_request
+from pipeline.store import dead_letters as dead_letter_store
 from pipeline.store import pci as pci_store
 from pipeline.store import topology as topo
 from pipeline.store.marks import add_marks, record_events, stored_outputs
-from pipeline.workers.messages import PoisonMessage, Publish, decode_envelope, decode_jobs, job_json
-from pipeline.workers.signing import check_signature
+from pipeline.workers.messages import Publish, check_content_type, decode_envelope, decode_jobs, job_json
+from pipeline.workers.signing import check_roles, check_signature
 from pipeline.workers.topology import RESULTS, STAGE_EXCHANGE, host_routing_key
+
+
+@dataclass
+class HandledBatch:
+    """What a handler made of a batch: the messages to publish once it is committed, the items it
+    refused before writing anything for them (each with why), and how many items were copies of
+    ones handled before."""
+
+    publishes: list[Publish] = field(default_factory=list)
+    refused: list[tuple[Any, PoisonMessage]] = field(default_factory=list)
+    duplicates: int = 0
 
 
 def validated(job: BindingJob) -> ValidatedRequest:
@@ -52,45 +66,61 @@ class StageHandler:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.driver_config: DriverConfig = settings.driver_config()
-        self.duplicates = 0
 
-    def decode(self, body: bytes | str, headers: dict[str, Any] | None = None) -> list[Any]:
+    def decode(self, body: bytes | str, headers: dict[str, Any] | None = None,
+               content_type: str | None = None) -> list[Any]:
         """The items a message holds (a hand-off holds many jobs)."""
         return decode_jobs(body)
 
-    def handle(self, session: Session, items: list[Any]) -> list[Publish]:
-        """Handle a batch; ``self.duplicates`` counts the items that were handled before.
+    def handle(self, session: Session, items: list[Any]) -> "HandledBatch":
+        """Handle a batch.
 
-        One query finds the items handled before (their stored output is re-published), ``prepare``
-        loads what the new ones need in a few queries, and one statement records their marks."""
-        self.duplicates = 0
+        Items that share a key with one handled before (in this batch, or by an earlier one: one
+        query finds those) are copies: their stored output is re-published. An item that claims a
+        taken key with other content is refused before anything is written (``conflicts``).
+        ``prepare`` loads what the new ones need in a few queries, and one statement records their
+        marks."""
+        batch = HandledBatch()
         fresh: dict[str, Any] = {}
         for item in items:
             key = self.key(item)
-            if key in fresh:
-                self.duplicates += 1  # a copy within this batch: the first one's output goes out now
-            else:
+            if key not in fresh:
                 fresh[key] = item
+            elif (why := self.conflict_with_copy(fresh[key], item)) is not None:
+                batch.refused.append((item, why))
+            else:
+                batch.duplicates += 1  # a copy within this batch: the first one's output goes out now
         previous = stored_outputs(session, list(fresh), self.stage)
+        for key, why in self.conflicts(session, {key: item for key, item in fresh.items() if key in previous},
+                                       [key for key in fresh if key not in previous]).items():
+            batch.refused.append((fresh.pop(key), why))
         self.prepare(session, [item for key, item in fresh.items() if key not in previous])
-        out: list[Publish] = []
         produced: dict[str, list[Publish]] = {}
         for key, item in fresh.items():
             bind_event_context_lazily(partial(self.event_context, item))
             if key in previous:
-                self.duplicates += 1
-                out += self.redelivered(session, previous[key])
+                batch.duplicates += 1
+                batch.publishes += self.redelivered(session, previous[key])
             else:
                 produced[key] = self.handle_one(session, item)
-                out += produced[key]
+                batch.publishes += produced[key]
         self.finish(session)
         if self.marks_handled:
             add_marks(session, self.stage, {key: self.mark_output(ps) for key, ps in produced.items()})
-        return out
+        return batch
 
     def mark_output(self, produced: list[Publish]) -> list[Any]:
         """What the mark keeps of a job's output: enough for ``redelivered`` to send it again."""
         return [p.as_json() for p in produced]
+
+    def conflict_with_copy(self, first: Any, copy: Any) -> PoisonMessage | None:
+        """Why ``copy``, which shares ``first``'s key, is not the same message (None: it is)."""
+        return None
+
+    def conflicts(self, session: Session, handled: dict[str, Any], new: list[str]) -> dict[str, PoisonMessage]:
+        """Items to refuse, by key: one handled before (``handled``) that came back as another
+        message, or a ``new`` one whose key is taken."""
+        return {}
 
     def prepare(self, session: Session, items: list[Any]) -> None:
         """Load in bulk what ``handle_one`` will need for ``items`` (the batch's new items)."""
@@ -116,20 +146,41 @@ class StageHandler:
 
 
 class ValidateHandler(StageHandler):
-    """Intake: log the event, apply topology changes, and turn port events into binding jobs."""
+    """Intake: log the event, apply topology changes, and turn port events into binding jobs.
+
+    A binding request is validated against the port as stored *before* anything is stored: a
+    request refused by policy or validation (as Neutron's API refuses it with a 403 or 400) changes
+    nothing: not the port, its binding, its device, nor any host's view (see ``refusal``). So every
+    later (re)bind reads only inputs that passed validation under the context that wrote them."""
 
     stage = "validate"
 
-    def decode(self, body: bytes | str, headers: dict[str, Any] | None = None) -> list[Envelope]:
-        """The envelope, after its signature is checked (before anything is stored)."""
+    def decode(self, body: bytes | str, headers: dict[str, Any] | None = None,
+               content_type: str | None = None) -> list[Envelope]:
+        """The envelope, after its signature and content type are checked (before anything is stored)."""
         check_signature(body, headers or {}, self.settings)
-        return [decode_envelope(body, self.settings.max_body_bytes)]
+        check_content_type(content_type)
+        return [check_roles(decode_envelope(body, self.settings.max_body_bytes), headers or {}, self.settings)]
 
     def key(self, item: Envelope) -> str:
         return item.key
 
     def log_context(self, item: Envelope) -> dict[str, Any]:
         return {"event_id": item.key, "event_type": item.event_type}
+
+    def conflict_with_copy(self, first: Envelope, copy: Envelope) -> PoisonMessage | None:
+        if first.as_json() != copy.as_json():
+            return conflict(copy.key, "another event in this batch has it, with another body")
+        return None
+
+    def conflicts(self, session: Session, handled: dict[str, Envelope], new: list[str]) -> dict[str, PoisonMessage]:
+        """A copy of a logged event must be that event; a new one must not take a refused message's id."""
+        found = {event_id: conflict(event_id, "an accepted event has it, with another body")
+                 for event_id, logged in logged_envelopes(session, list(handled)).items()
+                 if logged != handled[event_id].as_json()}
+        found.update({event_id: conflict(event_id, "a refused message has it")
+                      for event_id in dead_letter_store.refused_event_ids(session, new)})
+        return found
 
     def prepare(self, session: Session, items: list[Envelope]) -> None:
         record_events(session, items)
@@ -151,11 +202,10 @@ class ValidateHandler(StageHandler):
     def handle_one(self, session: Session, env: Envelope) -> list[Publish]:
         payload = env.typed_payload()
         kind = env.event_type
-        jobs: list[BindingJob] = []
         if kind == "agent.report":
             revived = topo.upsert_agent(session, payload, env.occurred_at, self.settings.agent_down_time)
             if revived and payload.admin_state_up:
-                jobs = self.rebind_failed(session, env, payload.host)
+                return self.rebind_failed(session, env, payload.host)
         elif kind == "network.upsert":
             topo.upsert_network(session, payload)
         elif kind == "network.delete":
@@ -163,71 +213,96 @@ class ValidateHandler(StageHandler):
         elif kind == "pci.inventory":
             pci_store.store_inventory(session, payload)
         elif kind in ("port.create", "port.update"):
-            jobs = self.port_changed(session, env, payload, force=False)
+            return self.port_changed(session, env, payload, force=False)
         elif kind == "binding.request":
             row = self.port_row(session, payload.port_id)
             if row is None:
-                raise PoisonMessage("bad_schema", f"binding.request for unknown port {payload.port_id}",
-                                    env.key, payload.port_id, payload.host)
+                return self.refuse(session, env.key, payload.port_id, payload.host,
+                                   str(InvalidInput("port_id", f"port {payload.port_id} is not known")))
             port = topo.port_from_row(row).model_copy(update={"host": payload.host})
             if payload.vnic_type is not None:
                 port.vnic_type = payload.vnic_type
             if payload.profile is not None:
                 port.profile = payload.profile
-            jobs = self.port_changed(session, env, port, force=True)
+            return self.port_changed(session, env, port, force=True)
         elif kind == "port.delete":
             row = self.port_row(session, payload.id)
             if row is not None:
                 row.revision += 1
-                jobs = [self.job(env, row, "unbind", old_host=row.host or None)]
+                job = self.job(env, row, "unbind", old_host=row.host or None)
                 if self.new_ports.pop(row.id, None) is None:  # else: created in this batch, never stored
                     session.delete(row)
                     session.flush()  # a port.create of the same id later in this batch inserts anew
                 self.ports[payload.id] = None
-        return [hand_on(job, "select") for job in jobs]
+                return [hand_on(job, "select")]
+        return []
 
     def job(self, env: Envelope, row: PortRow | topo.NewPort, action: str, **fields: Any) -> BindingJob:
         return BindingJob(job_id=f"{env.key}:{row.id}", event_id=env.key,
                           occurred_at=env.occurred_at, port_id=row.id, revision=row.revision, action=action,
                           context=env.context, **fields)
 
-    def port_changed(self, session: Session, env: Envelope, port: Port, force: bool) -> list[BindingJob]:
+    def port_changed(self, session: Session, env: Envelope, port: Port, force: bool) -> list[Publish]:
         row = self.port_row(session, port.id)
+        try:
+            request = validate_request(port, self.driver_config, env.context,
+                                       stored_profile=row.profile if row else None)
+        except BindingRequestError as exc:
+            return self.refuse(session, env.key, port.id, port.host, str(exc))
         old_host = row.host if row else ""
-        old_profile = dict(row.profile) if row else None
         binding = self.bindings.get((port.id, old_host)) if row else None
         is_new = row is None
         row, changed = topo.store_port(row, port)
         if is_new:
             self.new_ports[port.id] = row
         self.ports[port.id] = row
-        needs_bind = force or changed or binding is None or binding.vif_type in v.VIF_UNPLUGGED_TYPES
-        if not needs_bind:
+        if not (force or changed or binding is None or binding.vif_type in v.VIF_UNPLUGGED_TYPES):
             return []
         row.revision += 1
         original = ({"host": binding.host, "profile": binding.profile, "vif_details": binding.vif_details}
                     if binding else None)
         job = self.job(env, row, "bind", port=port, old_host=old_host if old_host and old_host != port.host else None,
-                       original=original)
-        try:
-            request = validate_request(port, self.driver_config, env.context, stored_profile=old_profile)
-        except BindingRequestError as exc:
-            job.error = str(exc)
-        else:
-            job.vnic_type, job.profile, job.warnings = request.vnic_type, request.profile, request.warnings
-        return [job]
+                       original=original, vnic_type=request.vnic_type, profile=request.profile,
+                       warnings=request.warnings)
+        return [hand_on(job, "select")]
 
-    def rebind_failed(self, session: Session, env: Envelope, host: str) -> list[BindingJob]:
-        """Every port that failed to bind on ``host`` gets another try (Neutron: OVS agents only)."""
-        jobs = []
+    def refuse(self, session: Session, event_id: str, port_id: str, host: str, error: str) -> list[Publish]:
+        binding = self.bindings.get((port_id, host))
+        publish = refusal(session, port_id, host, event_id, error,
+                          bound_there=binding is not None and binding.vif_type not in v.VIF_UNPLUGGED_TYPES)
+        return [publish] if publish is not None else []
+
+    def rebind_failed(self, session: Session, env: Envelope, host: str) -> list[Publish]:
+        """Every port that failed to bind on ``host`` gets another try (Neutron: OVS agents only),
+        with its stored inputs, validated again (stored inputs passed validation when they were
+        written; a configuration since made stricter may refuse them now)."""
+        out: list[Publish] = []
         for port_id in topo.failed_ports_on_host(session, host):
             row = self.port_row(session, port_id)
             if row is None:
                 continue
-            row.revision += 1
             port = topo.port_from_row(row)
-            jobs.append(self.job(env, row, "bind", port=port, vnic_type=row.vnic_type, profile=row.profile))
-        return jobs
+            try:
+                request = validate_request(port, self.driver_config, env.context, stored_profile=row.profile)
+            except BindingRequestError as exc:
+                out += self.refuse(session, env.key, port_id, row.host, str(exc))
+                continue
+            row.revision += 1
+            out.append(hand_on(self.job(env, row, "bind", port=port, vnic_type=request.vnic_type,
+                                        profile=request.profile, warnings=request.warnings), "select"))
+        return out
+
+
+def conflict(event_id: str, holder: str) -> PoisonMessage:
+    return PoisonMessage(CONFLICTING_EVENT_ID, f"event id {event_id} is already taken: {holder}", event_id)
+
+
+def logged_envelopes(session: Session, event_ids: list[str]) -> dict[str, Any]:
+    """The logged envelopes (as JSON values) of ``event_ids``."""
+    if not event_ids:
+        return {}
+    return dict(session.execute(select(EventLog.event_id, EventLog.envelope)
+                                .where(among(session, EventLog.event_id, event_ids))).all())
 
 
 class SelectHandler(StageHandler):
@@ -284,7 +359,7 @@ class PortLockingHandler(StageHandler):
     """A stage that changes a port's state: its ports are locked (in id order) for the batch, and a
     ``bind`` job whose revision is no longer the port's is dropped as stale."""
 
-    def handle(self, session: Session, items: list[BindingJob]) -> list[Publish]:
+    def handle(self, session: Session, items: list[BindingJob]) -> HandledBatch:
         self.revisions = topo.lock_port_revisions(session, sorted({j.port_id for j in items}))
         return super().handle(session, items)
 
@@ -354,9 +429,10 @@ class ComposeHandler(PortLockingHandler):
         return [p for p in out if p is not None]
 
     def compose(self, job: BindingJob) -> BindingResult:
-        if job.error is not None or job.selection is None:
+        if job.error is not None or job.selection is None:  # its host is told it is not bound, and why
             return BindingResult(id=job.port_id, error=job.error, port_id=job.port_id, host=job.port.host,
-                                 vnic_type=job.vnic_type)
+                                 vnic_type=job.vnic_type, vif_type=v.VIF_TYPE_BINDING_FAILED, vif_details={},
+                                 warnings=job.warnings)
         return compose_result(job.port_id, validated(job), job.selection, job.allocation or AllocationDecision())
 
     def binding(self, session: Session, job: BindingJob, result: BindingResult) -> dict[str, Any]:
@@ -389,12 +465,14 @@ class ComposeHandler(PortLockingHandler):
         topo.save_bindings(session, self.bindings)
 
 
-def outbox(result: BindingResult, occurred_at: datetime | None) -> tuple[dict[str, Any], Publish | None]:
+def outbox(result: BindingResult, occurred_at: datetime | None,
+           tell: bool = True) -> tuple[dict[str, Any], Publish | None]:
     """A result's outbox row (for ``insert_results``), and what to publish: nothing for a port with
-    no host (no one to tell; the row is only kept for ``explain``)."""
+    no host, or when its host is not to be told (``tell``): the row is then only kept for ``explain``
+    (its ``host`` empty, so that no replay of a host's results sends it)."""
     body = result.model_dump(mode="json")
     now = utcnow()
-    host = result.host or ""
+    host = (result.host or "") if tell else ""
     row = {"event_id": result.event_id or "", "port_id": result.port_id, "host": host, "body": body,
            "created_at": now, "published_at": None if host else now}
     if not host:
@@ -430,20 +508,31 @@ def number(row: dict[str, Any], result: BindingResult, publish: Publish | None) 
         publish.body["seq"] = row["seq"]
 
 
-def refusal(session: Session, poison: PoisonMessage) -> Publish | None:
-    """For a refused event that names a port: a ``binding_failed`` result with the reason, for the
-    port's host (the one the event names, else the stored one)."""
+def refusal(session: Session, port_id: str, host: str, event_id: str | None, error: str,
+            bound_there: bool | None = None) -> Publish | None:
+    """The result of a refused event that names a port: ``binding_failed`` with the refusal as
+    ``error``, for the host the event names, unless the port is bound there. A refusal changes
+    nothing, so a host that holds the port is not told otherwise; the result is then kept for
+    ``explain`` alone. (A host where the port is not bound learns that it is not: whoever asked to
+    bind it there is waiting for that answer.)"""
+    if bound_there is None:
+        bound_there = topo.bound_on(session, port_id, host)
+    result = BindingResult(id=port_id, port_id=port_id, host=host, event_id=event_id,
+                           vif_type=v.VIF_TYPE_BINDING_FAILED, vif_details={}, error=error)
+    row, publish = outbox(result, None, tell=bool(host) and not bound_there)
+    insert_results(session, [row])
+    number(row, result, publish)
+    return publish
+
+
+def poison_refusal(session: Session, poison: PoisonMessage) -> Publish | None:
+    """``refusal`` for a message refused before it could be handled, when it names a port: for the
+    host it names, else the port's stored one."""
     if poison.port_id is None:
         return None
     port = session.get(PortRow, poison.port_id)
     host = poison.host or (port.host if port is not None else "")
-    result = BindingResult(id=poison.port_id, port_id=poison.port_id, host=host, event_id=poison.event_id,
-                           vif_type=v.VIF_TYPE_BINDING_FAILED, vif_details={},
-                           error=f"Refused: {poison.category}: {poison.reason}")
-    row, publish = outbox(result, None)
-    insert_results(session, [row])
-    number(row, result, publish)
-    return publish
+    return refusal(session, poison.port_id, host, poison.event_id, f"Refused: {poison.category}: {poison.reason}")
 
 
 def unpublished_refusals(session: Session, poison: PoisonMessage) -> list[Publish]:

@@ -15,17 +15,17 @@ from pydantic import ValidationError
 from pipeline.models.binding import BindingResult
 from pipeline.models.events import PAYLOAD_MODELS, Envelope
 from pipeline.models.jobs import BindingJob, Handoff
+from pipeline.models.refusals import (
+    BAD_CONTENT_TYPE,
+    BAD_JSON,
+    BAD_SCHEMA,
+    MISSING_EVENT_ID,
+    NOT_UTF8,
+    TOO_LARGE,
+    UNKNOWN_EVENT_TYPE,
+    PoisonMessage,
+)
 from pipeline.workers.topology import STAGE_EXCHANGE
-
-
-class PoisonMessage(Exception):
-    """A message no retry can fix: dead-lettered at once, with ``category`` and a specific reason
-    (and the event, port and host it names, when they could be read)."""
-
-    def __init__(self, category: str, reason: str, event_id: str | None = None, port_id: str | None = None,
-                 host: str | None = None):
-        super().__init__(reason)
-        self.category, self.reason, self.event_id, self.port_id, self.host = category, reason, event_id, port_id, host
 
 
 @dataclass(frozen=True)
@@ -52,44 +52,88 @@ def decode_json(body: bytes | str, max_bytes: int) -> Any:
     """JSON from a body (py-amqp hands over text when the publisher declared an encoding)."""
     size = len(body) if isinstance(body, bytes) else len(body.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
-        raise PoisonMessage("too_large", f"body of {size} bytes exceeds the limit of {max_bytes}")
+        raise PoisonMessage(TOO_LARGE, f"body of {size} bytes exceeds the limit of {max_bytes}")
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
     except UnicodeDecodeError as exc:
-        raise PoisonMessage("not_utf8", f"body is not UTF-8: {exc}") from None
+        raise PoisonMessage(NOT_UTF8, f"body is not UTF-8: {exc}") from None
     try:
         return orjson.loads(text)
     except (orjson.JSONDecodeError, RecursionError) as exc:
-        raise PoisonMessage("bad_json", f"body is not JSON: {exc}") from None
+        raise PoisonMessage(BAD_JSON, f"body is not JSON: {exc}") from None
 
 
 def _named(value: Any, limit: int = 64) -> str | None:
-    """An id read from a message that failed validation, if it is a plausible one."""
-    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+    """An id read from a message that failed validation, if it is a plausible one (printable: no
+    NUL or control character reaches a record or a log line through it)."""
+    return value if isinstance(value, str) and 0 < len(value) <= limit and value.isprintable() else None
 
 
-def decode_envelope(body: bytes | str, max_bytes: int) -> Envelope:
-    data = decode_json(body, max_bytes)
-    if not isinstance(data, dict):
-        raise PoisonMessage("bad_schema", f"envelope must be a JSON object, not {type(data).__name__}")
+def envelope_identity(data: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """``(event_id, port_id, host)`` as far as an envelope that may be invalid names them."""
     event_id = _named(str(data.get("event_id") or "")) if data.get("event_id") else None
     payload = data.get("payload") if isinstance(data.get("payload"), dict) else {}
     is_port_event = str(data.get("event_type", "")).startswith(("port.", "binding."))
     port_id = _named(payload.get("id") or payload.get("port_id")) if is_port_event else None
     host = _named(payload.get("host"), 255) if is_port_event else None
+    return event_id, port_id, host
+
+
+def peek_identity(body: bytes | str) -> tuple[str | None, str | None, str | None]:
+    """``envelope_identity`` of any body, if it is a JSON object (for records of messages not decoded)."""
+    try:
+        data = orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError):
+        return None, None, None
+    return envelope_identity(data) if isinstance(data, dict) else (None, None, None)
+
+
+CONTENT_TYPE = "application/json"
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Envelopes are JSON, and say so: a body declared as anything else is refused unread."""
+    if (content_type or "").split(";", 1)[0].strip().lower() != CONTENT_TYPE:
+        raise PoisonMessage(BAD_CONTENT_TYPE, f"content_type {content_type!r} is not {CONTENT_TYPE!r}"[:300])
+
+
+def decode_envelope(body: bytes | str, max_bytes: int) -> Envelope:
+    data = decode_json(body, max_bytes)
+    if not isinstance(data, dict):
+        raise PoisonMessage(BAD_SCHEMA, f"envelope must be a JSON object, not {type(data).__name__}")
+    event_id, port_id, host = envelope_identity(data)
     if not event_id:
-        raise PoisonMessage("missing_event_id", "envelope has no event_id", port_id=port_id, host=host)
+        raise PoisonMessage(MISSING_EVENT_ID, "envelope has no event_id", port_id=port_id, host=host)
     if data.get("event_type") not in PAYLOAD_MODELS:
-        raise PoisonMessage("unknown_event_type", f"unknown event_type {data.get('event_type')!r}"[:300],
+        raise PoisonMessage(UNKNOWN_EVENT_TYPE, f"unknown event_type {data.get('event_type')!r}"[:300],
+                            event_id, port_id, host)
+    if (b"\\u0000" if isinstance(body, bytes) else "\\u0000") in body and (where := _nul_at(data)) is not None:
+        raise PoisonMessage(BAD_SCHEMA, f"{where}: a string holds a NUL character, which no record can keep",
                             event_id, port_id, host)
     try:
         envelope = Envelope.model_validate(data)
     except (ValidationError, RecursionError) as exc:
         detail = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in detail["loc"])
-        raise PoisonMessage("bad_schema", f"{where}: {detail['msg']}"[:500], event_id, port_id, host) from None
+        raise PoisonMessage(BAD_SCHEMA, f"{where}: {detail['msg']}"[:500], event_id, port_id, host) from None
     envelope._raw = body  # the event log keeps the envelope as it arrived
     return envelope
+
+
+def _nul_at(value: Any, path: str = "") -> str | None:
+    """Where in ``value`` a string (or a key) holds a NUL character, if one does."""
+    if isinstance(value, str):
+        return path or "(root)" if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = str(key).replace("\x00", "\\x00")
+        where = f"{path}.{name}" if path else name
+        if isinstance(key, str) and "\x00" in key:
+            return where
+        found = _nul_at(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 HANDOFF_JOBS = 50  # jobs per hand-off message between stages
@@ -108,7 +152,7 @@ def decode_jobs(body: bytes | str) -> list[BindingJob]:
     data = decode_json(body, HANDOFF_MAX_BYTES)
     jobs = data.get("jobs") if isinstance(data, dict) and "jobs" in data else [data]
     if not isinstance(jobs, list) or not jobs:
-        raise PoisonMessage("bad_schema", "a hand-off holds a non-empty list of jobs under 'jobs'")
+        raise PoisonMessage(BAD_SCHEMA, "a hand-off holds a non-empty list of jobs under 'jobs'")
     decoded = []
     for number, job in enumerate(jobs):
         try:
@@ -116,7 +160,7 @@ def decode_jobs(body: bytes | str) -> list[BindingJob]:
         except ValidationError as exc:
             ids = job.get("job_id", "") if isinstance(job, dict) else ""
             event_id, _, port_id = str(ids).partition(":")
-            raise PoisonMessage("bad_schema", f"job {number} is not a binding job: {exc.errors()[0]['msg']}",
+            raise PoisonMessage(BAD_SCHEMA, f"job {number} is not a binding job: {exc.errors()[0]['msg']}",
                                 event_id or None, port_id or None) from None
     return decoded
 

@@ -6,6 +6,10 @@ before the body is even parsed: a bad signature, an unknown key, or (with
 ``BINDPIPE_REQUIRE_SIGNATURES=true``) a missing one makes the message poison — dead-lettered,
 never stored. Keys come from ``BINDPIPE_SIGNING_KEYS`` (JSON ``{"key-id": "secret", …}``); a
 process that publishes (a client, a replay) signs with ``BINDPIPE_SIGNING_KEY_ID``.
+
+A signature says who published the bytes, not that the roles the body claims are theirs: each key
+may assert only the roles ``BINDPIPE_SIGNING_KEY_ROLES`` (``{"key-id": ["service"], …}``) gives it,
+none when it is not listed. That is checked once the envelope is decoded (``check_roles``).
 """
 
 import hashlib
@@ -15,8 +19,9 @@ from typing import Any
 
 from kombu import Connection
 
+from pipeline.models.events import Envelope
 from pipeline.settings import Settings
-from pipeline.workers.messages import PoisonMessage
+from pipeline.workers.messages import PoisonMessage, envelope_identity
 from pipeline.workers.publisher import BatchPublisher
 
 KEY_ID_HEADER = "x-bindpipe-key-id"
@@ -59,3 +64,21 @@ def check_signature(body: bytes | str, headers: dict[str, Any], settings: Settin
         raise PoisonMessage("bad_signature", f"unknown signing key {str(key_id)[:64]!r}")
     if not isinstance(given, str) or not hmac.compare_digest(given, signature(secret.get_secret_value(), body)):
         raise PoisonMessage("bad_signature", f"signature does not match the body (key {key_id!r})")
+
+
+def check_roles(envelope: Envelope, headers: dict[str, Any], settings: Settings) -> Envelope:
+    """The envelope, unless it is signed and its context asserts a role its key may not:
+    ``PoisonMessage("bad_signature", …)`` then, naming the event (and its port, so that the port's
+    host hears of the refusal). An unsigned envelope (accepted only when signatures are not
+    required) is not checked: nothing authenticates what it claims."""
+    key_id = headers.get(KEY_ID_HEADER)
+    if key_id is None:
+        return envelope
+    allowed = settings.signing_key_roles.get(str(key_id), ())
+    refused = [role for role in envelope.context.roles if role not in allowed]
+    if refused:
+        _, port_id, host = envelope_identity(envelope.as_json())
+        raise PoisonMessage("bad_signature", f"signing key {key_id!r} may not assert the role(s) {refused}: "
+                            f"BINDPIPE_SIGNING_KEY_ROLES gives it {list(allowed) or 'none'}"[:500], envelope.key,
+                            port_id, host)
+    return envelope

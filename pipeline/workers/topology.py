@@ -12,6 +12,8 @@ STAGES = ("validate", "select", "allocate", "compose")
 EVENTS = Exchange("binding.events", type="topic", durable=True)
 STAGE_EXCHANGE = Exchange("binding.stages", type="direct", durable=True)
 RESULTS = Exchange("binding.results", type="topic", durable=True)
+# What clients bind to: only checked, as compute hosts and publishers may not configure it.
+RESULTS_PASSIVE = Exchange("binding.results", type="topic", durable=True, passive=True)
 DEAD_LETTERS = Exchange("binding.dlx", type="direct", durable=True)
 
 
@@ -33,8 +35,8 @@ def stage_queue(stage: str, settings: Settings, no_declare: bool = False) -> Que
                  queue_arguments=queue_arguments(settings, stage))
 
 
-def dead_letter_queue(stage: str, settings: Settings) -> Queue:
-    return Queue(f"binding.{stage}.dlq", DEAD_LETTERS, routing_key=stage, durable=True,
+def dead_letter_queue(stage: str, settings: Settings, no_declare: bool = False) -> Queue:
+    return Queue(f"binding.{stage}.dlq", DEAD_LETTERS, routing_key=stage, durable=True, no_declare=no_declare,
                  queue_arguments=queue_arguments(settings))
 
 
@@ -42,10 +44,33 @@ def host_routing_key(host: str) -> str:
     return f"host.{host}"
 
 
-def results_queue(host: str, settings: Settings) -> Queue:
-    """A compute host's own durable queue of results."""
-    return Queue(f"binding.results.{host}", RESULTS, routing_key=host_routing_key(host), durable=True,
-                 queue_arguments=queue_arguments(settings))
+def results_queue_name(host: str) -> str:
+    return f"binding.results.{host}"
+
+
+def results_queue(host: str, settings: Settings, exchange: Exchange = RESULTS, no_declare: bool = False) -> Queue:
+    """A compute host's own durable queue of results (``exchange``: ``RESULTS_PASSIVE`` to only
+    check the exchange)."""
+    return Queue(results_queue_name(host), exchange, routing_key=host_routing_key(host), durable=True,
+                 no_declare=no_declare, queue_arguments=queue_arguments(settings))
+
+
+def existing_results_queue(connection: Connection, host: str, settings: Settings) -> Queue:
+    """The host's results queue, to consume without declaring anything. The operator creates it
+    (``bindpipe broker add-compute-host``), as the host's own broker user may only read it; where it
+    is missing (a development broker) it is declared here, which needs configure permission on it."""
+    queue = results_queue(host, settings, RESULTS_PASSIVE)
+    channel = connection.channel()
+    try:
+        queue(channel).queue_declare(passive=True)
+    except connection.channel_errors as exc:
+        if str(getattr(exc, "reply_code", "")) != "404":
+            raise
+        with connection.channel() as fresh:  # the broker closed the other one
+            queue(fresh).declare()
+    finally:
+        channel.close()
+    return results_queue(host, settings, RESULTS_PASSIVE, no_declare=True)
 
 
 def declare_topology(connection: Connection, settings: Settings) -> None:

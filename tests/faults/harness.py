@@ -774,6 +774,12 @@ def hostile_messages(count: int, seed: int, max_body: int = 64 * 1024) -> list[t
         # README, "Hostile input": a refused event that names a port (a port.* or binding.* payload
         # with an id) gives that port's host (the one the event names) a binding_failed result.
         refusal_host = "ovs-0" if kind in NAMES_A_PORT else None
+        if kind == "unknown_port":  # well formed: refused as a binding request, not dead-lettered
+            out.append((checker.HostileMessage(marker, kind, stage, "", refusal_host, dead_lettered=False,
+                                               refusal_error="InvalidInput: port_id: port"),
+                        {"body": body, "exchange": exchange, "routing_key": routing_key,
+                         "content_type": "application/json", "content_encoding": encoding}))
+            continue
         out.append((checker.HostileMessage(marker, kind, stage, category, refusal_host),
                     {"body": body, "exchange": exchange, "routing_key": routing_key,
                      "content_type": "application/json", "content_encoding": encoding}))
@@ -1075,7 +1081,7 @@ class Run:
                 if tracker is not None:
                     state.violations[host] = invariant_violations(tracker)
             state.ports = dict(session.execute(select(PortRow.id, PortRow.host)).all())
-            state.dead_letters = [checker.DeadLetterData(d.id, d.stage, d.reason, d.event_id, d.body)
+            state.dead_letters = [checker.DeadLetterData(d.id, d.stage, d.reason, d.event_id, d.body, d.category)
                                   for d in session.scalars(select(DeadLetter))]
             return state
         return self.db(read)
@@ -1216,7 +1222,7 @@ def reduced_plan(seed: int = 5) -> Plan:
         schedule=[(4.0, "hostile", 42), (9.5, "cut", "amqp"), (11.0, "race_with_kill", "race-1"),
                   (17.0, "cut", "pg"), (20.0, "broker_restart", 2.0), (44.0, "pg_restart", "fast"),
                   (50.0, "hostile", 28), (52.0, "cut", "all"), (55.0, "sigterm", None), (58.0, "race", "race-2")],
-        crash_plans={"validate": ["before_ack@40", "before_reject@15"], "select": ["after_commit@40"],
+        crash_plans={"validate": ["before_ack@40", "after_dead_letter@15"], "select": ["after_commit@40"],
                      "allocate": ["in_transaction@30", "mid_ack@120"],
                      "compose": ["after_commit@30", "after_publish@60"]},
         drain_timeout=90.0)
@@ -1254,10 +1260,10 @@ def duplicates_plan(seed: int = 5) -> Plan:
 
 
 def reject_crash_plan(seed: int = 5) -> Plan:
-    """Hostile messages while validate workers die between a dead letter's commit and its reject
-    (crash point ``before_reject``): the redelivery must not record it twice (bug 4)."""
+    """Hostile messages while validate workers die between a dead letter's commit and its ack
+    (crash point ``after_dead_letter``): the redelivery must not record it twice (bug 4)."""
     return Plan(seed=seed, events=60, rate=20.0, hostile=56, schedule=[(1.0, "hostile", 56)],
-                crash_plans={"validate": ["before_reject@3", "before_reject@3", "before_reject@5"]},
+                crash_plans={"validate": ["after_dead_letter@3", "after_dead_letter@3", "after_dead_letter@5"]},
                 drain_timeout=60.0)
 
 

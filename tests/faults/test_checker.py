@@ -73,31 +73,49 @@ def test_pci_leaks_double_allocation_and_mismatch():
     assert summary["pci_mismatch"] == 1  # p2's result names 10.0, owned by p1
 
 
-def test_hostile_messages_need_one_dead_letter_one_dlq_copy_and_their_refusal():
+def test_hostile_messages_need_one_dead_letter_no_dlq_copy_and_their_refusal():
     good = HostileMessage("HOSTILE-00000-0000000a", "bad_json", "validate", "bad_json")
     refused = HostileMessage("HOSTILE-00001-0000000b", "extra_field", "validate", "bad_schema", "h1")
     twice = HostileMessage("HOSTILE-00002-0000000c", "not_utf8", "validate", "not_utf8")
-    rows = [DeadLetterData(1, "validate", "bad_json: body is not JSON", None, '{"x": "HOSTILE-00000-0000000a'),
-            DeadLetterData(2, "validate", "bad_schema: evil: extra", "e", '{"evil": "HOSTILE-00001-0000000b"}'),
-            DeadLetterData(3, "validate", "not_utf8: …", None, "\ufffdHOSTILE-00002-0000000c"),
-            DeadLetterData(4, "validate", "not_utf8: …", None, "\ufffdHOSTILE-00002-0000000c"),
-            DeadLetterData(5, "select", "other: IntegrityError", "e9", '{"jobs": []}')]
+    rows = [DeadLetterData(1, "validate", "bad_json: body is not JSON", None, b'{"x": "HOSTILE-00000-0000000a'),
+            DeadLetterData(2, "validate", "bad_schema: evil: extra", "e", b'{"evil": "HOSTILE-00001-0000000b"}'),
+            DeadLetterData(3, "validate", "not_utf8: …", None, b"\xffHOSTILE-00002-0000000c"),
+            DeadLetterData(4, "validate", "not_utf8: …", None, b"\xffHOSTILE-00002-0000000c"),
+            DeadLetterData(5, "select", "other: IntegrityError", "e9", b'{"jobs": []}')]
     refusal = result("e", "HOSTILE-00001-0000000b", "h1", 9, "binding_failed",
                      error="Refused: bad_schema: evil: extra")
-    dlq = [DlqMessage("binding.validate.dlq", m.marker.encode(), {"x-first-death-reason": "rejected"})
-           for m in (good, refused, twice)]
     deliveries = [Delivery(good.marker, "validate", 10, 0, 1.0), Delivery(refused.marker, "validate", 10, 0, 1.0),
                   Delivery(twice.marker, "validate", 10, 0, 1.0), Delivery(twice.marker, "validate", 11, 1, 3.0)]
     db = DbState(results=[ResultRowData(9, "e", refusal["port_id"], "h1", refusal, True)], dead_letters=rows)
     summary = check({}, [ReceivedResult("h1", refusal)], db, {}, hostile=[good, refused, twice],
-                    deliveries=deliveries, dlq=dlq)
+                    deliveries=deliveries)
     assert summary["unexpected"] == 0  # the refusal belongs to the hostile message
     assert summary["hostile_dead_lettered_once"] == 2 and summary["hostile_problems"] == 1
     assert summary["hostile_redeliveries_unexplained"] == 1  # pid 10 did not die, no fault in between
     assert summary["spurious_dead_letters"] == 1
     explained = check({}, [ReceivedResult("h1", refusal)], db, {}, hostile=[good, refused, twice],
-                      deliveries=deliveries, dlq=dlq, dead_pids={10})
+                      deliveries=deliveries, dead_pids={10})
     assert explained["hostile_redeliveries_explained"] == 1 and explained["hostile_redeliveries_unexplained"] == 0
+    parked = [DlqMessage("binding.validate.dlq", good.marker.encode(), {"x-first-death-reason": "rejected"})]
+    left = check({}, [ReceivedResult("h1", refusal)], db, {}, hostile=[good, refused], deliveries=deliveries[:2],
+                 dlq=parked)
+    assert left["hostile_problems"] == 1 and "left on binding.validate.dlq" in left["hostile_problem_ids"][0]
+
+
+def test_a_message_the_broker_gave_up_on_is_a_failure_and_a_refused_request_needs_no_dead_letter():
+    request = HostileMessage("HOSTILE-00004-0000000e", "unknown_port", "validate", "", "h1", dead_lettered=False,
+                             refusal_error="InvalidInput: port_id")
+    refusal = result("e4", request.marker, "h1", 3, "binding_failed", error="InvalidInput: port_id: port x")
+    given_up = DeadLetterData(7, "allocate", "delivery_limit: the broker dead-lettered it", None, b'{"jobs": []}',
+                              category="delivery_limit")
+    db = DbState(results=[ResultRowData(3, "e4", request.marker, "h1", refusal, True)], dead_letters=[given_up])
+    summary = check({}, [ReceivedResult("h1", refusal)], db, {}, hostile=[request])
+    assert summary["hostile_problems"] == 0 and summary["spurious_dead_letters"] == 0
+    assert summary["delivery_limited"] == 1 and not summary["valid"]
+    recorded = DeadLetterData(8, "validate", "bad_schema: x", None, request.marker.encode())
+    wrongly = check({}, [ReceivedResult("h1", refusal)], DbState(results=db.results, dead_letters=[recorded]), {},
+                    hostile=[request])
+    assert wrongly["hostile_problems"] == 1, "a well-formed request is refused, not dead-lettered"
 
 
 def test_race_rounds_need_exactly_as_many_winners_as_devices():
@@ -116,11 +134,10 @@ def test_a_hostile_message_the_harness_sent_twice_may_be_dead_lettered_twice():
     """A publish whose confirm a fault swallowed is sent again: both copies may have arrived, and a
     message without a readable event id is each time a message of its own."""
     twice = HostileMessage("HOSTILE-00003-0000000d", "bad_json", "validate", "bad_json", copies=2)
-    rows = [DeadLetterData(n, "validate", "bad_json: body is not JSON", None, '{"x": "HOSTILE-00003-0000000d')
+    rows = [DeadLetterData(n, "validate", "bad_json: body is not JSON", None, b'{"x": "HOSTILE-00003-0000000d')
             for n in (1, 2)]
-    dlq = [DlqMessage("binding.validate.dlq", twice.marker.encode(), {"x-first-death-reason": "rejected"})] * 2
     deliveries = [Delivery(twice.marker, "validate", 10, 0, 1.0), Delivery(twice.marker, "validate", 10, 0, 1.2)]
-    summary = check({}, [], DbState(dead_letters=rows), {}, hostile=[twice], deliveries=deliveries, dlq=dlq)
+    summary = check({}, [], DbState(dead_letters=rows), {}, hostile=[twice], deliveries=deliveries)
     assert summary["hostile_problems"] == 0 and summary["hostile_redeliveries_unexplained"] == 0
-    thrice = check({}, [], DbState(dead_letters=rows * 2), {}, hostile=[twice], deliveries=deliveries, dlq=dlq)
+    thrice = check({}, [], DbState(dead_letters=rows * 2), {}, hostile=[twice], deliveries=deliveries)
     assert thrice["hostile_problems"] == 1  # four rows for two copies

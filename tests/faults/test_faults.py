@@ -49,7 +49,7 @@ def test_every_fault_was_injected(outcome):
     assert faults.get("cut") == 3 and all(c["connections"] > 0 for c in figures["cuts"]), figures["cuts"]
     assert figures["duplicates_same_batch"] > 0 and figures["duplicates_late"] > 0
     fired = {point.split()[0] for point in figures["crash_points_fired"]}
-    assert fired >= {"before_ack", "after_commit", "in_transaction", "after_publish", "before_reject"}, \
+    assert fired >= {"before_ack", "after_commit", "in_transaction", "after_publish", "after_dead_letter"}, \
         figures["crash_points_fired"]
     # the faults hit work in flight: deliveries came back
     assert figures["redeliveries_seen"] > 0
@@ -84,11 +84,10 @@ def test_each_race_round_has_exactly_as_many_winners_as_vfs(outcome):
 
 
 def test_hostile_messages_are_dead_lettered_once_and_hold_nothing_up(outcome):
-    """Each hostile message: one dead-letter row with a reason of its category, one copy on its
-    stage's DLQ (rejected, not over the delivery limit), a refused port event one binding_failed
-    result on the host it names, and one delivery (a second only after its consumer died or its
-    connection was cut: never the pipeline's choice). Good events went through meanwhile
-    (test_no_event_lost_duplicated_or_unexpected)."""
+    """Each hostile message: one dead-letter row with a reason of its category (none left on a DLQ),
+    a refused port event one binding_failed result on the host it names, and one delivery (a second
+    only after its consumer died or its connection was cut: never the pipeline's choice). Good
+    events went through meanwhile (test_no_event_lost_duplicated_or_unexpected)."""
     summary, _ = outcome
     assert summary["hostile"] == 70 and set(summary["hostile_kinds"]) >= {
         "bad_json", "not_utf8", "too_large", "deep_nesting", "missing_event_id", "unknown_type",
@@ -104,6 +103,7 @@ def test_good_events_are_never_dead_lettered(outcome):
     summary, _ = outcome
     assert summary["spurious_dead_letters"] == 0, "\n".join(summary["spurious_dead_letter_ids"])
     assert summary["broker_dead_lettered"] == 0, "\n".join(summary["broker_dead_lettered_ids"])
+    assert summary["delivery_limited"] == 0, "\n".join(summary["delivery_limited_ids"])
 
 
 def test_workers_only_die_when_killed_and_stop_cleanly(outcome):

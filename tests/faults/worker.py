@@ -14,7 +14,7 @@ N-th time the point is reached in this process) or ``POINT=P`` (crash with proba
 ``after_publish``   hand-offs/results published and confirmed, the outbox not marked published
 ``before_ack``      committed, published and marked, no delivery acked
 ``mid_ack``         about to ack one delivery of the batch (earlier ones are acked)
-``before_reject``   a dead-letter row committed, the poison delivery not yet rejected
+``after_dead_letter`` a refused message's dead letter committed, its delivery not yet acked
 
 Before dying it appends ``crash POINT STAGE PID TIME`` to ``BINDPIPE_FAULT_LOG``.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 from tests.faults.checker import marker_of
 
-POINTS = ("in_transaction", "after_commit", "after_publish", "before_ack", "mid_ack", "before_reject")
+POINTS = ("in_transaction", "after_commit", "after_publish", "before_ack", "mid_ack", "after_dead_letter")
 
 
 class Hooks:
@@ -80,8 +80,9 @@ def _wrap(owner: object, name: str, make: "Callable[[Callable[..., Any]], Callab
 
 def install(hooks: Hooks) -> None:
     """Hooks on stable seams: kombu's Consumer/Message, and the worker's ``publish`` (commit done,
-    nothing published), the outbox's ``mark_published`` and the stage handlers' ``handle``. Every
-    wrapper passes its arguments through untouched, whatever the signature."""
+    nothing published) and ``commit_refusal`` (a dead letter committed), the outbox's
+    ``mark_published`` and the stage handlers' ``handle``. Every wrapper passes its arguments
+    through untouched, whatever the signature."""
     from kombu.message import Message
     from kombu.messaging import Consumer
 
@@ -116,11 +117,11 @@ def install(hooks: Hooks) -> None:
             return original(*args, **kwargs)
         return wrapper
 
-    def reject(original):  # noqa: ANN001, ANN202
-        def wrapper(self, requeue=False, *args, **kwargs):  # noqa: ANN001, ANN202
-            if not requeue:
-                hooks.point("before_reject")
-            return original(self, requeue, *args, **kwargs)
+    def commit_refusal(original):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            outcome = original(*args, **kwargs)
+            hooks.point("after_dead_letter")
+            return outcome
         return wrapper
 
     def receive(original):  # noqa: ANN001, ANN202
@@ -138,7 +139,7 @@ def install(hooks: Hooks) -> None:
     _wrap(consumer.Worker, "publish", publish, hooks)
     _wrap(consumer, "mark_published", mark_published, hooks)
     _wrap(Message, "ack", ack, hooks)
-    _wrap(Message, "reject", reject, hooks)
+    _wrap(consumer.Worker, "commit_refusal", commit_refusal, hooks)
     _wrap(Consumer, "_receive_callback", receive, hooks)  # every delivery, before the worker sees it
 
 
