@@ -95,9 +95,13 @@ def _broker_refusals(command: str, hint: str) -> Iterator[None]:
     one line and exit status 2, not a traceback."""
     from amqp.exceptions import AMQPError
 
+    from pipeline.runtime import LoginRefused, describe_failure
+
     try:
         yield
     except AMQPError as exc:
+        if isinstance(describe_failure(exc), LoginRefused):
+            raise  # a wrong user or password, whatever the command: the command group says so
         typer.echo(f"bindpipe {command}: {exc} ({hint})", err=True)
         raise typer.Exit(2) from None
 

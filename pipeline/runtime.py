@@ -68,6 +68,10 @@ class ConfigurationError(OperatorError):
     exit_code = 2
 
 
+class LoginRefused(ConfigurationError):
+    """The broker or database refused our user or password, whatever the command was doing."""
+
+
 class ServiceUnavailable(OperatorError):
     """The broker or the database cannot be reached: exit 3."""
 
@@ -93,8 +97,8 @@ def load_settings() -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{_variable(e['loc'])}={str(e.get('input'))[:80]!r}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(f"{_variable(e['loc'])}={str(e.get('input'))[:80]!r}: {e['msg']}" if e["loc"]
+                             else e["msg"] for e in exc.errors())  # no location: a check across settings
         raise ConfigurationError(f"bad configuration: {problems}") from None
     except SettingsError as exc:  # a value that should be JSON and is not
         raise ConfigurationError(f"bad configuration: {exc}; write lists as a,b or as JSON") from None
@@ -178,8 +182,8 @@ def _read_only(url: str, engine: Engine) -> Engine:
 
 
 # A login or a name the server refuses is configuration; any other failure to connect, the network.
-_DATABASE_REFUSALS = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
-                      "authentication failed", "unable to open database file", "permission denied")
+_DATABASE_REFUSALS = ("does not exist", "no pg_hba.conf entry", "unable to open database file",
+                      "permission denied")
 
 
 def _database_failure(exc: sql_errors.SQLAlchemyError, shown: str) -> OperatorError | None:
@@ -195,6 +199,9 @@ def _database_failure(exc: sql_errors.SQLAlchemyError, shown: str) -> OperatorEr
         return ConfigurationError(f"the database has no schema ({text}; {shown}): run `bindpipe migrate`")
     if not isinstance(exc, (sql_errors.OperationalError, sql_errors.InterfaceError)):
         return None
+    if "authentication failed" in lowered:
+        return LoginRefused(f"the database refused the login: {text} ({shown}); check the user and password in "
+                            "BINDPIPE_DATABASE_URL")
     if any(marker in lowered for marker in _DATABASE_REFUSALS):
         return ConfigurationError(f"the database refused us: {text} ({shown}); check BINDPIPE_DATABASE_URL")
     return ServiceUnavailable(f"cannot reach the database: {text} ({shown}); is it running, and is "
@@ -271,7 +278,7 @@ def _broker_failure(exc: BaseException, shown: str | None = None) -> OperatorErr
         if isinstance(error, amqp_errors.AMQPError) and error.code in _BROKER_CONFIGURATION:
             reply = error.reply_text or str(error)
             if "Login was refused" in reply:
-                return ConfigurationError(f"the broker{at} refused the login: {reply}; check the user and "
+                return LoginRefused(f"the broker{at} refused the login: {reply}; check the user and "
                                           "password in BINDPIPE_BROKER_URL")
             if error.code == 403:
                 return ConfigurationError(f"the broker{at} refused: {reply}; use a broker user allowed to do this "
