@@ -246,7 +246,12 @@ def check_broker(settings: Settings, stages: tuple[str, ...] | list[str]) -> Non
 
     with broker_connection(settings) as connection, _broker_failures(connection.as_uri()):
         if settings.declare_topology:
-            declare_topology(connection, settings)
+            try:
+                declare_topology(connection, settings)
+            except amqp_errors.AccessRefused as exc:
+                raise ConfigurationError(
+                    f"the broker at {connection.as_uri()} refused to declare the topology: {exc.reply_text}; a "
+                    "least-privilege worker user only checks it: set BINDPIPE_DECLARE_TOPOLOGY=false") from None
             return
         missing = []
         for stage in STAGES:

@@ -229,5 +229,7 @@ def test_a_refused_login_and_a_refused_publish_are_one_line_and_exit_2(pg_url, a
         assert password not in line
         done = run(["declare"], tmp_path, BINDPIPE_BROKER_URL=worker_url.replace(password, "wrong"))
         one_line(done, 2, "refused the login", "BINDPIPE_BROKER_URL")
+        done = run(["worker", "compose"], tmp_path, BINDPIPE_BROKER_URL=worker_url, BINDPIPE_DATABASE_URL=pg_url)
+        one_line(done, 2, "refused to declare the topology", "BINDPIPE_DECLARE_TOPOLOGY=false")
     finally:
         subprocess.run([*ctl, "delete_user", user], capture_output=True, timeout=60)

@@ -110,33 +110,31 @@ WORKER_LAST_LOOP = Gauge(
     "bindpipe_worker_last_loop_timestamp_seconds", "Unix time at which a stage worker's consume loop last turned.",
     ["stage"], multiprocess_mode="livemax")
 
+
+def _per_process(name: str, documentation: str, label: str) -> Gauge:
+    """A gauge with one series per live process: ``liveall``, which the export labels with its pid."""
+    return Gauge(name, documentation, [label], multiprocess_mode="liveall")
+
+
 # A worker process's readiness facts (pipeline/observability/health.py reads them for /healthz and
-# the watchdog), one series per live process.
-WORKER_BROKER = Gauge(
-    "bindpipe_worker_broker_connected", "1 while a worker process is connected to the broker.",
-    ["stage"], multiprocess_mode="liveall")
-WORKER_DATABASE = Gauge(
-    "bindpipe_worker_database_reachable", "1 when a worker process's last look at the database succeeded.",
-    ["stage"], multiprocess_mode="liveall")
-WORKER_CONSUMING = Gauge(
-    "bindpipe_worker_consuming", "1 while a worker process's consumers are registered with the broker.",
-    ["stage"], multiprocess_mode="liveall")
-WORKER_LOOP = Gauge(
+# the watchdog).
+WORKER_BROKER = _per_process(
+    "bindpipe_worker_broker_connected", "1 while a worker process is connected to the broker.", "stage")
+WORKER_DATABASE = _per_process(
+    "bindpipe_worker_database_reachable", "1 when a worker process's last look at the database succeeded.", "stage")
+WORKER_CONSUMING = _per_process(
+    "bindpipe_worker_consuming", "1 while a worker process's consumers are registered with the broker.", "stage")
+WORKER_LOOP = _per_process(
     "bindpipe_worker_process_loop_timestamp_seconds", "Unix time at which a worker process's consume loop last turned.",
-    ["stage"], multiprocess_mode="liveall")
-WORKER_LAST_BATCH = Gauge(
-    "bindpipe_worker_last_batch_timestamp_seconds", "Unix time at which a worker process last handled a batch.",
-    ["stage"], multiprocess_mode="liveall")
+    "stage")
+WORKER_LAST_BATCH = _per_process(
+    "bindpipe_worker_last_batch_timestamp_seconds", "Unix time at which a worker process last handled a batch.", "stage")
 # prometheus_client's ProcessCollector reads only its own process: in multiprocess mode each process
 # writes its readings here, labelled with its role.
-PROCESS_RESIDENT_MEMORY = Gauge(
-    "bindpipe_process_resident_memory_bytes", "Resident memory of a live process.", ["process"],
-    multiprocess_mode="liveall")
-PROCESS_CPU = Gauge(
-    "bindpipe_process_cpu_seconds", "User and system CPU time a live process has used.", ["process"],
-    multiprocess_mode="liveall")
-PROCESS_OPEN_FDS = Gauge(
-    "bindpipe_process_open_fds", "Open file descriptors of a live process.", ["process"], multiprocess_mode="liveall")
+PROCESS_RESIDENT_MEMORY = _per_process(
+    "bindpipe_process_resident_memory_bytes", "Resident memory of a live process.", "process")
+PROCESS_CPU = _per_process("bindpipe_process_cpu_seconds", "User and system CPU time a live process has used.", "process")
+PROCESS_OPEN_FDS = _per_process("bindpipe_process_open_fds", "Open file descriptors of a live process.", "process")
 BUILD_INFO = Gauge(
     "bindpipe_build_info", "1, labelled with the version of the code the machine's live processes run.",
     ["version", "python", "kombu"], multiprocess_mode="livemax")
