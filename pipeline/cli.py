@@ -424,3 +424,71 @@ def broker_add_compute_host(host: Annotated[str, typer.Argument(help="the comput
         typer.echo(f"password: from {PASSWORD_ENV}")
     else:
         typer.echo("password: unchanged")
+
+
+# --- dead letters ----------------------------------------------------------------------------------
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: what the stages refused, and what the broker gave "
+                                                 "up on, as the database keeps them.")
+app.add_typer(dlq_app, name="dlq")
+StageOption = Annotated[str | None, typer.Option("--stage", help="only this stage's: validate, select, allocate, compose")]
+
+
+def _stage(stage: str | None) -> str | None:
+    if stage is not None and stage not in STAGE_NAMES:
+        typer.echo(f"bindpipe dlq: unknown stage {stage!r}; one of {', '.join(STAGE_NAMES)}", err=True)
+        raise typer.Exit(2)
+    return stage
+
+
+@dlq_app.command("list")
+def dlq_list(stage: StageOption = None,
+             everything: Annotated[bool, typer.Option("--all", help="the redriven ones too")] = False,
+             limit: Annotated[int, typer.Option(min=1, help="newest first, at most this many")] = 100,
+             as_json: Annotated[bool, typer.Option("--json", help="one JSON list")] = False) -> None:
+    """The dead letters waiting (newest first): id, stage, category, the event and port they name."""
+    from pipeline import dlq
+
+    raise typer.Exit(dlq.list_rows(_engine(_settings()), _stage(stage), everything, limit, as_json))
+
+
+@dlq_app.command("show")
+def dlq_show(dead_letter_id: Annotated[int, typer.Argument(metavar="ID")],
+             as_json: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
+             raw: Annotated[bool, typer.Option("--raw", help="only the body's bytes, as they arrived")] = False) -> None:
+    """One dead letter whole: why, its routing key and headers, and its body."""
+    from pipeline import dlq
+
+    raise typer.Exit(dlq.show(_engine(_settings()), dead_letter_id, as_json, raw))
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(ids: Annotated[list[int] | None, typer.Argument(metavar="[ID]...", help="these dead letters")] = None,
+                stage: StageOption = None,
+                everything: Annotated[bool, typer.Option("--all", help="every dead letter not redriven yet")] = False
+                ) -> None:
+    """Publish dead letters again where they first went, to be judged afresh (once fixed: a signing
+    key added, a driver configured). Envelopes (stage validate) go to binding.events: use the
+    publisher's broker user; hand-offs go to their stage: the worker's."""
+    from pipeline.workers.republish import redrive
+
+    if not (ids or stage or everything):
+        typer.echo("bindpipe dlq redrive: name dead letters (IDs), a --stage, or --all", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    with _broker_refusals("dlq redrive", "redrive envelopes as the publisher's broker user, hand-offs as the worker's"):
+        sent = redrive(_engine(settings), _publisher(settings), ids or None, _stage(stage))
+    typer.echo(f"redrove {len(sent)} dead letter(s)" + (f": {', '.join(map(str, sent))}" if sent else ""))
+
+
+@dlq_app.command("purge")
+def dlq_purge(ids: Annotated[list[int] | None, typer.Argument(metavar="[ID]...", help="these dead letters")] = None,
+              stage: StageOption = None,
+              everything: Annotated[bool, typer.Option("--all", help="every dead letter")] = False) -> None:
+    """Forget dead letters (they are not on the broker: the database is their only copy)."""
+    from pipeline import dlq
+
+    if not (ids or stage or everything):
+        typer.echo("bindpipe dlq purge: name dead letters (IDs), a --stage, or --all", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(dlq.purge(_engine(_settings()), _stage(stage), ids or None))

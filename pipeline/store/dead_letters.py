@@ -13,7 +13,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db import among
-from pipeline.models.refusals import CONFLICTING_EVENT_ID, DELIVERY_LIMIT, PoisonMessage
+from pipeline.models.refusals import BAD_SIGNATURE, CONFLICTING_EVENT_ID, DELIVERY_LIMIT, PoisonMessage
 from pipeline.models.tables import DeadLetter, EventLog, utcnow
 
 KEPT_BODY_BYTES = 1 << 20  # a larger body is kept cut to this size (it was refused as too large anyway)
@@ -86,12 +86,13 @@ def find_earlier(session: Session, arrival: Arrival, poison: PoisonMessage) -> t
 
 def refused_event_ids(session: Session, event_ids: list[str]) -> set[str]:
     """Which of ``event_ids`` a refused message took (an event arriving under one is a conflict).
-    A message the broker gave up on was not refused, and one redriven is to be judged again."""
+    A message the broker gave up on was not refused, one redriven is to be judged again, and one
+    refused for its signature proved nothing of its sender: none of them takes its id."""
     if not event_ids:
         return set()
     return set(session.scalars(select(DeadLetter.event_id).where(
         among(session, DeadLetter.event_id, event_ids), DeadLetter.stage == "validate",
-        DeadLetter.category != DELIVERY_LIMIT, DeadLetter.redriven_at.is_(None))))
+        DeadLetter.category.not_in((DELIVERY_LIMIT, BAD_SIGNATURE)), DeadLetter.redriven_at.is_(None))))
 
 
 def add(session: Session, arrival: Arrival, poison: PoisonMessage) -> DeadLetter:

@@ -52,13 +52,12 @@ from pipeline.store import dead_letters as dead_letter_store
 from pipeline.store.marks import add_marks
 from pipeline.workers.gauges import refresh_gauges
 from pipeline.workers.handlers import HANDLERS, HandledBatch, StageHandler, poison_refusal, unpublished_refusals
-from pipeline.workers.messages import HANDOFF_JOBS, Publish, handoff_messages, peek_identity
+from pipeline.workers.messages import HANDOFF_JOBS, REDRIVE_HEADER, Publish, handoff_messages, peek_identity
 from pipeline.workers.publisher import BatchPublisher, PublishNotConfirmed, connect_with_retry
 from pipeline.workers.topology import RESULTS, check_topology, dead_letter_queue, declare_topology, stage_queue
 
 log = structlog.get_logger(__name__)
 GAUGE_INTERVAL = 5.0  # seconds between refreshes of the database-derived gauges
-REDRIVE_HEADER = "x-bindpipe-redrive-of"  # set by `bindpipe dlq redrive`: the dead letter a message came from
 DLQ_PREFETCH = 10
 
 
@@ -177,12 +176,11 @@ class Worker(ConsumerProducerMixin):
         death = deaths[0] if isinstance(deaths[0], dict) else {}
         why = str(death.get("reason") or "dead-lettered by the broker")
         keys = death.get("routing-keys") or []
-        event_id, port_id, _ = peek_identity(message.body) if stage == "validate" else (None, None, None)
         self.refused.append(Refused(stage, message, PoisonMessage(
             DELIVERY_LIMIT if why == "delivery_limit" else OTHER,
             f"the broker dead-lettered it ({why}, {death.get('count') or 'several'} time(s)): it failed every "
-            "time or its workers died with it in hand; see the workers' logs, then `bindpipe dlq redrive`",
-            event_id, port_id), routing_key=str(keys[0]) if keys else None))
+            "time or its workers died with it in hand; see the workers' logs, then `bindpipe dlq redrive`"),
+            routing_key=str(keys[0]) if keys else None))
 
     def consume(self, limit: int | None = None, timeout: float | None = None, safety_interval: float = 1,
                 **kwargs: Any) -> Any:
@@ -490,15 +488,20 @@ class Worker(ConsumerProducerMixin):
             redelivered=bool((message.delivery_info or {}).get("redelivered")),
             redrive_of=int(redrive_of) if isinstance(redrive_of, int | str) and str(redrive_of).isdigit() else None)
 
+
         def record(session: Session) -> tuple[Any, list[Publish]]:
             earlier, poison = dead_letter_store.find_earlier(session, arrival, refused.poison)
             if earlier is not None:
                 return None, unpublished_refusals(session, poison)
+            # a port the decoder named is told of its refusal; the ids of a body it did not trust (a
+            # bad signature) or never read (from a DLQ) are only recorded, for `dlq list` and `explain`
+            tell = stage == "validate" and poison.port_id is not None
+            if stage == "validate" and poison.event_id is None and poison.port_id is None:
+                poison = PoisonMessage(poison.category, poison.reason, *peek_identity(body)[:2])
             row = dead_letter_store.add(session, arrival, poison)
             if refused.mark is not None:
                 add_marks(session, stage, {refused.mark: []})
-            result = poison_refusal(session, poison) if stage == "validate" and poison.category != DELIVERY_LIMIT \
-                else None
+            result = poison_refusal(session, poison) if tell else None
             return (row.id, poison), [result] if result is not None else []
 
         return run_transaction(self.engine, record, self.settings.transaction_retry_seconds)

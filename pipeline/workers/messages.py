@@ -79,16 +79,26 @@ def envelope_identity(data: dict[str, Any]) -> tuple[str | None, str | None, str
     return event_id, port_id, host
 
 
-def peek_identity(body: bytes | str) -> tuple[str | None, str | None, str | None]:
-    """``envelope_identity`` of any body, if it is a JSON object (for records of messages not decoded)."""
+def _peek(body: bytes | str) -> dict[str, Any]:
+    """A body as a JSON object, as far as it is one ({} otherwise): for records of messages not decoded."""
     try:
         data = orjson.loads(body)
     except (orjson.JSONDecodeError, RecursionError):
-        return None, None, None
-    return envelope_identity(data) if isinstance(data, dict) else (None, None, None)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def peek_event_type(body: bytes | str) -> str | None:
+    return _named(_peek(body).get("event_type"))
+
+
+def peek_identity(body: bytes | str) -> tuple[str | None, str | None, str | None]:
+    """``envelope_identity`` of any body."""
+    return envelope_identity(_peek(body))
 
 
 CONTENT_TYPE = "application/json"
+REDRIVE_HEADER = "x-bindpipe-redrive-of"  # set by `bindpipe dlq redrive`: the dead letter a message came from
 
 
 def check_content_type(content_type: str | None) -> None:

@@ -7,6 +7,7 @@
 * ``replay_events``: stored envelopes back onto ``binding.events``. Every stage recognises the
   event by its mark, so a finished event changes nothing and publishes nothing new, and an event
   that stopped part-way (a dead-lettered hand-off) is carried through the remaining stages.
+* ``redrive``: dead letters back where they first went (``bindpipe dlq redrive``), to be judged again.
 """
 
 import signal
@@ -18,12 +19,14 @@ import structlog
 from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
-from pipeline.models.tables import EventLog, ResultRow
+from pipeline.models.tables import DeadLetter, EventLog, ResultRow
 from pipeline.progress import progress
+from pipeline.store import dead_letters as dead_letter_store
 from pipeline.store.marks import events_between
 from pipeline.workers.consumer import mark_published
+from pipeline.workers.messages import REDRIVE_HEADER, peek_event_type
 from pipeline.workers.publisher import BatchPublisher
-from pipeline.workers.topology import EVENTS, RESULTS, host_routing_key
+from pipeline.workers.topology import EVENTS, RESULTS, STAGE_EXCHANGE, host_routing_key
 
 log = structlog.get_logger(__name__)
 REPLAY_HEADER = {"x-bindpipe-replay": True}
@@ -74,6 +77,31 @@ def replay_events(engine: Engine, publisher: BatchPublisher, first: int, last: i
             shown.update(count)
             first = rows[-1].seq + 1
     return count
+
+
+def redrive(engine: Engine, publisher: BatchPublisher, ids: list[int] | None = None,
+            stage: str | None = None) -> list[int]:
+    """Publish the dead letters not redriven yet (these ``ids``, or of ``stage``, or all) again, each
+    where it first went with its own headers and ``x-bindpipe-redrive-of``, and mark them redriven;
+    the ids sent. An envelope goes to ``binding.events`` under its event type, a hand-off to its stage."""
+    with Session(engine) as session:
+        query = select(DeadLetter).where(DeadLetter.redriven_at.is_(None)).order_by(DeadLetter.id)
+        if ids is not None:
+            query = query.where(DeadLetter.id.in_(ids))
+        if stage is not None:
+            query = query.where(DeadLetter.stage == stage)
+        rows = list(session.scalars(query))
+    sent = []
+    for row in rows:
+        if row.stage == "validate":
+            target = (EVENTS.name, row.routing_key or peek_event_type(row.body) or "unknown")
+        else:
+            target = (STAGE_EXCHANGE.name, row.stage)
+        publisher.publish([(*target, row.body)], headers={**(row.headers or {}), REDRIVE_HEADER: row.id})
+        sent.append(row.id)
+        with Session(engine) as session, session.begin():
+            dead_letter_store.mark_redriven(session, [row.id])
+    return sent
 
 
 class Relay:
