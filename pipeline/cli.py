@@ -431,14 +431,16 @@ def broker_add_compute_host(host: Annotated[str, typer.Argument(help="the comput
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: what the stages refused, and what the broker gave "
                                                  "up on, as the database keeps them.")
 app.add_typer(dlq_app, name="dlq")
-StageOption = Annotated[str | None, typer.Option("--stage", help="only this stage's: validate, select, allocate, compose")]
-
-
 def _stage(stage: str | None) -> str | None:
     if stage is not None and stage not in STAGE_NAMES:
         typer.echo(f"bindpipe dlq: unknown stage {stage!r}; one of {', '.join(STAGE_NAMES)}", err=True)
         raise typer.Exit(2)
     return stage
+
+
+# checked as the command line is read: a usage mistake is told before the database is looked at
+StageOption = Annotated[str | None, typer.Option("--stage", callback=_stage,
+                                                 help="only this stage's: validate, select, allocate, compose")]
 
 
 @dlq_app.command("list")
