@@ -59,7 +59,13 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **json_options)
+    # a server that does not answer is found out in seconds, not after the kernel's TCP timeouts
+    # (minutes): connecting gives up after 5 s, and a connection whose packets go unanswered for
+    # ~20 s is dropped (keepalives, and the time unacknowledged data may wait)
+    connect_args = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
+                    "keepalives_count": 3, "tcp_user_timeout": 20_000}
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args,
+                         **json_options)
 
 
 def create_schema(engine: Engine) -> None:

@@ -51,6 +51,7 @@ from pipeline.settings import Settings
 from pipeline.store import dead_letters as dead_letter_store
 from pipeline.store.marks import add_marks
 from pipeline.workers.gauges import refresh_gauges
+from pipeline.workers.keepalive import KeepAlive
 from pipeline.workers.handlers import HANDLERS, HandledBatch, StageHandler, poison_refusal, unpublished_refusals
 from pipeline.workers.messages import HANDOFF_JOBS, REDRIVE_HEADER, Publish, handoff_messages, peek_identity
 from pipeline.workers.publisher import BatchPublisher, PublishNotConfirmed, connect_with_retry
@@ -107,7 +108,10 @@ class Worker(ConsumerProducerMixin):
         self.refused_held_until = 0.0
         self.refused_backoff = 0.0
         self.handled = 0
+        self.connections_made = 0  # to the broker, for consuming: more than one means a reconnection
+        self.consuming: Connection = self.connection
         self._publisher: BatchPublisher | None = None
+        self.keepalive = KeepAlive(self.broker_connections, settings.heartbeat)
         self._gauges_at = 0.0
         self.periodic: list[Callable[[], None]] = []  # run on every loop turn (the relay in `bindpipe run`)
 
@@ -123,6 +127,8 @@ class Worker(ConsumerProducerMixin):
                     self.should_stop = True
                 raise
             metrics.worker_state(self.buffers, broker=True)
+            self.connections_made += 1
+            self.consuming = conn  # the mixin consumes on a clone of ``self.connection``
             yield conn
 
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
@@ -220,7 +226,8 @@ class Worker(ConsumerProducerMixin):
         if now - self._gauges_at >= GAUGE_INTERVAL:
             self._gauges_at = now
             try:
-                refresh_gauges(self.engine, list(self.buffers))
+                with self.keepalive.waiting():
+                    refresh_gauges(self.engine, list(self.buffers))
                 metrics.worker_state(self.buffers, database=True)
             except Exception as exc:  # noqa: BLE001 - gauges wait for the database; the work goes on
                 metrics.worker_state(self.buffers, database=False)
@@ -231,6 +238,11 @@ class Worker(ConsumerProducerMixin):
                 log.warning("stopping with messages not handled (the database or broker is away); "
                             "they go back to their queues", count=left)
             self.should_stop = True
+
+    def broker_connections(self) -> list[Any]:
+        """The py-amqp connections this worker holds (consuming, and publishing if it has published)."""
+        held = [self.consuming] + ([self._publisher.connection] if self._publisher is not None else [])
+        return [c.connection for c in held if c.transport.driver_type == "amqp" and c.connected]
 
     def on_consume_end(self, connection: Connection, channel: Any) -> None:
         metrics.worker_state(self.buffers, consuming=False)
@@ -243,7 +255,10 @@ class Worker(ConsumerProducerMixin):
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("worker started", stages=list(self.buffers), broker=self.connection.as_uri())
-        self.run(safety_interval=max(self.settings.batch_wait_ms / 1000, 0.001))
+        try:
+            self.run(safety_interval=max(self.settings.batch_wait_ms / 1000, 0.001))
+        finally:
+            self.keepalive.stop()
         log.info("worker stopped", handled=self.handled)
 
     @contextmanager
@@ -257,6 +272,7 @@ class Worker(ConsumerProducerMixin):
         finally:
             self.request_stop()
             thread.join(20)
+            self.keepalive.stop()
             self.stopped = not thread.is_alive()
 
     def request_stop(self, *_: Any) -> None:
@@ -401,8 +417,9 @@ class Worker(ConsumerProducerMixin):
     def commit_and_publish(self, handler: StageHandler, items: list[Any]) -> list[tuple[Any, PoisonMessage]]:
         """Handle, commit and publish a batch; the items the handler refused (nothing of theirs written)."""
         started = time.perf_counter()
-        batch = run_transaction(self.engine, lambda session: handler.handle(session, items),
-                                self.settings.transaction_retry_seconds)
+        with self.keepalive.waiting():
+            batch = run_transaction(self.engine, lambda session: handler.handle(session, items),
+                                    self.settings.transaction_retry_seconds)
         self.publish(batch.publishes)
         self.handled += len(items) - len(batch.refused)
         self.observe(handler, len(items) - len(batch.refused), time.perf_counter() - started, batch)
@@ -414,7 +431,9 @@ class Worker(ConsumerProducerMixin):
         except Exception:
             self.drop_publisher()  # its channel may be unusable; the next batch opens a fresh one
             raise
-        mark_published(self.engine, [out.body["seq"] for out in outputs if out.exchange == RESULTS.name])
+        with self.keepalive.waiting():
+            mark_published(self.engine, [out.body["seq"] for out in outputs if out.exchange == RESULTS.name],
+                           self.settings.transaction_retry_seconds)
 
     def observe(self, handler: StageHandler, size: int, seconds: float, batch: HandledBatch) -> None:
         stage = handler.stage
@@ -504,7 +523,8 @@ class Worker(ConsumerProducerMixin):
             result = poison_refusal(session, poison) if tell else None
             return (row.id, poison), [result] if result is not None else []
 
-        return run_transaction(self.engine, record, self.settings.transaction_retry_seconds)
+        with self.keepalive.waiting():
+            return run_transaction(self.engine, record, self.settings.transaction_retry_seconds)
 
     def give_up(self, refused: Refused, rest: list[Refused]) -> None:
         """The last resort for a refusal that cannot be recorded: the whole message goes to the
@@ -534,11 +554,12 @@ def tune_gc(batch_size: int) -> None:
     gc.set_threshold(max(50_000, 200 * batch_size), 20, 20)
 
 
-def mark_published(engine: Engine, seqs: list[int]) -> None:
+def mark_published(engine: Engine, seqs: list[int], retry_seconds: float = 20.0) -> None:
     """The outbox side of a confirmed publish: these results need no relay."""
     if seqs:
         run_transaction(engine, lambda s: s.execute(
-            update(ResultRow).where(among(s, ResultRow.seq, seqs)).values(published_at=datetime.now(UTC))))
+            update(ResultRow).where(among(s, ResultRow.seq, seqs)).values(published_at=datetime.now(UTC))),
+            retry_seconds)
 
 
 def reason_category(result: BindingResult) -> str:
