@@ -1,17 +1,45 @@
 """``bindpipe``: the one command-line entry point.
 
 Every command reads its configuration from ``BINDPIPE_*`` environment variables (and the optional
-``BINDPIPE_CONFIG_FILE``); see ``pipeline/settings.py``.
+``BINDPIPE_CONFIG_FILE``); see ``pipeline/settings.py``. Start-up checks and what a failure means
+to an operator live in ``pipeline/runtime.py``: any command that fails for an operator's reason
+prints one line and exits 2 (configuration or usage) or 3 (a service cannot be reached); the
+traceback with ``--debug`` or ``BINDPIPE_DEBUG=1``.
 """
 
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+class _Commands(TyperGroup):
+    """Wraps every command, whoever wrote it: an operator's failure is one line and an exit code."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):  # the command line's own: usage errors, exits
+            raise
+        except Exception as exc:
+            from pipeline.runtime import describe_failure, one_line
+
+            failure = describe_failure(exc)
+            if failure is None:
+                raise  # a bug: its traceback is the report
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            typer.echo(f"bindpipe {ctx.invoked_subcommand}: {one_line(failure)}", err=True)
+            raise typer.Exit(failure.exit_code) from None
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Port-binding control plane: ML2-compatible bindings with Nova-strict PCI accounting.")
 replay_app = typer.Typer(no_args_is_help=True, help="Publish stored results or events again.")
 app.add_typer(replay_app, name="replay")
@@ -19,30 +47,36 @@ app.add_typer(replay_app, name="replay")
 STAGE_NAMES = ("validate", "select", "allocate", "compose")
 
 
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from pipeline import __version__
+    from pipeline.migrate import head
+    from pipeline.models.binding import CONTRACT_VERSION
+
+    typer.echo(f"bindpipe {__version__} (bus contract {CONTRACT_VERSION}, database schema {head()})")
+    raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False,
+         debug: Annotated[bool, typer.Option("--debug", envvar="BINDPIPE_DEBUG",
+                                             help="print the traceback of a failure (or BINDPIPE_DEBUG=1)")] = False) -> None:
+    """Port-binding control plane: ML2-compatible bindings with Nova-strict PCI accounting."""
+
+
 def _settings():  # noqa: ANN202 - Settings, imported lazily to keep `--help` fast
-    from pydantic import ValidationError
+    from pipeline.runtime import load_settings
 
-    from pipeline.observability.logging import configure_logging
-    from pipeline.observability.metrics import configure_metrics_dir
-    from pipeline.settings import Settings
-
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        typer.echo(f"bindpipe: bad configuration:\n{exc}", err=True)
-        raise typer.Exit(2) from None
-    configure_logging(settings.log_format)
-    configure_metrics_dir(settings.metrics_dir)
-    return settings
+    return load_settings()
 
 
 def _engine(settings):  # noqa: ANN001, ANN202
-    from pipeline.db import create_schema, make_engine
+    """The configured database, checked: it exists and its schema is at head (nothing is created)."""
+    from pipeline.runtime import database
 
-    engine = make_engine(settings.database_url)
-    if engine.dialect.name == "sqlite":
-        create_schema(engine)  # the embedded default needs no migration step
-    return engine
+    return database(settings)
 
 
 def _publisher(settings):  # noqa: ANN001, ANN202
@@ -61,9 +95,13 @@ def _broker_refusals(command: str, hint: str) -> Iterator[None]:
     one line and exit status 2, not a traceback."""
     from amqp.exceptions import AMQPError
 
+    from pipeline.runtime import LoginRefused, describe_failure
+
     try:
         yield
     except AMQPError as exc:
+        if isinstance(describe_failure(exc), LoginRefused):
+            raise  # a wrong user or password, whatever the command: the command group says so
         typer.echo(f"bindpipe {command}: {exc} ({hint})", err=True)
         raise typer.Exit(2) from None
 
@@ -91,6 +129,8 @@ def worker(stage: Annotated[str, typer.Argument(help="validate, select, allocate
     if stage not in STAGE_NAMES:
         typer.echo(f"bindpipe worker: unknown stage {stage!r}; one of {', '.join(STAGE_NAMES)}", err=True)
         raise typer.Exit(2)
+    from pipeline import runtime
+
     settings = _settings()
     if concurrency > 1:
         if settings.embedded:
@@ -99,10 +139,9 @@ def worker(stage: Annotated[str, typer.Argument(help="validate, select, allocate
             raise typer.Exit(2)
         from pipeline.workers.processes import run_processes
 
-        raise typer.Exit(run_processes(stage, concurrency))
-    from pipeline.workers.consumer import Worker
-
-    Worker(settings, _engine(settings), [stage]).run_forever()
+        runtime.prepare_worker(settings, [stage]).dispose()  # fail here, once, not in N children
+        raise typer.Exit(run_processes(runtime.run_worker, stage, concurrency))
+    runtime.run_worker(stage, settings)
 
 
 @app.command()
@@ -110,12 +149,14 @@ def run(relay_every: Annotated[float, typer.Option(help="seconds between outbox 
         events: Annotated[str | None, typer.Option(metavar="FILE|-", help="envelopes to feed in (a JSON list or "
                                                    "one per line); run until done and print the results")] = None) -> None:
     """Run every stage (and the outbox relay) in this one process: the embedded default or a small site."""
+    from pipeline import runtime
     from pipeline.workers.consumer import Worker
     from pipeline.workers.republish import Relay
     from pipeline.workers.topology import STAGES
 
     settings = _settings()
-    engine = _engine(settings)
+    # on SQLite (the embedded default) this command makes its own schema, as `bindpipe demo` does
+    engine = runtime.prepare_worker(settings, list(STAGES), create=settings.database_url.startswith("sqlite"))
     if events is not None:
         from pipeline.demo import run_events
 
@@ -125,6 +166,7 @@ def run(relay_every: Annotated[float, typer.Option(help="seconds between outbox 
                    "set BINDPIPE_BROKER_URL to take events from RabbitMQ", err=True)
     the_worker = Worker(settings, engine, list(STAGES))
     the_worker.periodic.append(Relay(engine, lambda: the_worker.publisher, relay_every))
+    runtime.long_running("run")
     the_worker.run_forever()
 
 
@@ -135,8 +177,12 @@ def relay(interval: Annotated[float, typer.Option(help="seconds between passes")
     """Publish results that were committed but never confirmed as published (the outbox)."""
     from pipeline.workers.republish import run_relay
 
+    from pipeline.runtime import long_running, patiently
+
     settings = _settings()
-    raise typer.Exit(run_relay(_engine(settings), lambda: _publisher(settings), interval, grace, once))
+    engine = patiently(lambda: _engine(settings), "database")
+    long_running("relay")
+    raise typer.Exit(run_relay(engine, lambda: _publisher(settings), interval, grace, once))
 
 
 @app.command()
@@ -233,13 +279,61 @@ def schema(out: Annotated[Path | None, typer.Option(help="write one <name>.schem
 
 
 @app.command("metrics-server")
-def metrics_server(port: Annotated[int, typer.Option(envvar="BINDPIPE_METRICS_PORT", help="TCP port for /metrics")] = 9464,
-                   addr: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0") -> None:
-    """Serve every worker's metrics (Prometheus multiprocess directory) on one /metrics endpoint."""
+def metrics_server(port: Annotated[int | None, typer.Option(help="TCP port (default: BINDPIPE_METRICS_PORT, 9464)")] = None,
+                   addr: Annotated[str | None, typer.Option(help="address to listen on (default: BINDPIPE_METRICS_ADDR, "
+                                                            "0.0.0.0)")] = None) -> None:
+    """Serve every worker's metrics (Prometheus multiprocess directory) on /metrics, and /healthz."""
+    from pipeline.observability.health import healthz_app
     from pipeline.observability.metrics import serve
+    from pipeline.runtime import long_running
 
-    _settings()
-    serve(port, addr)
+    settings = _settings()
+    long_running("metrics-server")
+    serve(port or settings.metrics_port, addr or settings.metrics_addr,
+          {"/healthz": healthz_app(settings.stall_seconds)})
+
+
+def _machine_metrics() -> None:
+    from pipeline.observability.metrics import metrics_dir
+    from pipeline.runtime import ConfigurationError
+
+    if metrics_dir() is None:
+        raise ConfigurationError("the workers' readiness is read from their metrics: set BINDPIPE_METRICS_DIR "
+                                 "(or PROMETHEUS_MULTIPROC_DIR) to the machine's multiprocess directory")
+
+
+@app.command()
+def health(stage: Annotated[str | None, typer.Option(help="only this stage's workers")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False) -> None:
+    """Is every worker process of this machine ready (broker, database, consuming, loop turning)? Exit 0 or 1."""
+    import json
+
+    from pipeline.observability.health import machine_workers, render, report
+
+    settings = _settings()
+    _machine_metrics()
+    summary = report(machine_workers(settings.stall_seconds), stage)
+    typer.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else render(summary), nl=as_json)
+    raise typer.Exit(0 if summary["ready"] else 1)
+
+
+@app.command()
+def watchdog(interval: Annotated[float, typer.Option(help="seconds between two looks")] = 5.0,
+             grace: Annotated[float, typer.Option(help="seconds a worker has to die of SIGABRT before SIGKILL")] = 10.0
+             ) -> None:
+    """End this machine's stalled workers (consuming, loop still for BINDPIPE_STALL_SECONDS) so that their
+    supervisor starts them again: SIGABRT (their log shows where they hung), then SIGKILL."""
+    import signal
+
+    from pipeline.observability.health import Watchdog
+    from pipeline.runtime import long_running
+
+    settings = _settings()
+    _machine_metrics()
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    long_running("watchdog")
+    Watchdog(settings.stall_seconds, grace).run(interval, lambda: bool(stopping))
 
 
 @app.command()
@@ -248,7 +342,7 @@ def explain(port_id: Annotated[str, typer.Argument(help="the port's id")],
     """Why a port is (not) bound: every attempt, its inputs, each driver's decline, the PCI decision."""
     from pipeline.reports import main_explain
 
-    raise typer.Exit(main_explain(_settings(), port_id, as_json))
+    raise typer.Exit(main_explain(_engine(_settings()), port_id, as_json))
 
 
 @app.command()
@@ -256,7 +350,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="the whole repor
     """Per host: agents (alive?), PCI pools, bindings; queue depths; dead letters."""
     from pipeline.reports import main_status
 
-    raise typer.Exit(main_status(_settings(), as_json))
+    settings = _settings()
+    raise typer.Exit(main_status(settings, _engine(settings), as_json))
 
 
 @app.command("migrate")
@@ -336,14 +431,16 @@ def broker_add_compute_host(host: Annotated[str, typer.Argument(help="the comput
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: what the stages refused, and what the broker gave "
                                                  "up on, as the database keeps them.")
 app.add_typer(dlq_app, name="dlq")
-StageOption = Annotated[str | None, typer.Option("--stage", help="only this stage's: validate, select, allocate, compose")]
-
-
 def _stage(stage: str | None) -> str | None:
     if stage is not None and stage not in STAGE_NAMES:
         typer.echo(f"bindpipe dlq: unknown stage {stage!r}; one of {', '.join(STAGE_NAMES)}", err=True)
         raise typer.Exit(2)
     return stage
+
+
+# checked as the command line is read: a usage mistake is told before the database is looked at
+StageOption = Annotated[str | None, typer.Option("--stage", callback=_stage,
+                                                 help="only this stage's: validate, select, allocate, compose")]
 
 
 @dlq_app.command("list")

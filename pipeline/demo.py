@@ -6,6 +6,7 @@ all four stages, and prints what came out of it.
 """
 
 import json
+import shlex
 import sys
 import time
 import uuid
@@ -23,6 +24,7 @@ from pipeline.db import create_schema, make_engine
 from pipeline.models.binding import BindingResult
 from pipeline.models.events import Envelope
 from pipeline.models.tables import ResultRow
+from pipeline.progress import Progress, progress
 from pipeline.settings import Settings
 from pipeline.workers.consumer import Worker, reason_category
 from pipeline.workers.topology import EVENTS, STAGES, declare_topology
@@ -65,19 +67,28 @@ def run_demo(ports: int, database: Path) -> dict[str, Any]:
         events = demo_events(load_topology(), ports, client)
         started = time.perf_counter()
         with Worker(settings, engine, list(STAGES)).running_in_thread():
-            client.publish_envelopes(events)
-            published = wait_for_results(engine, ports, timeout=120)
+            with progress("events published", len(events)) as shown:
+                for first in range(0, len(events), PUBLISH_CHUNK):  # the workers start on the first chunk
+                    client.publish_envelopes(events[first:first + PUBLISH_CHUNK])
+                    shown.update(min(first + PUBLISH_CHUNK, len(events)))
+            with progress("ports bound", ports) as shown:
+                published = wait_for_results(engine, ports, timeout=120, shown=shown)
             elapsed = time.perf_counter() - started
     return summarize(engine, len(events), published, elapsed, database)
 
 
-def wait_for_results(engine: Engine, expected: int, timeout: float) -> int:
+PUBLISH_CHUNK = 1000
+
+
+def wait_for_results(engine: Engine, expected: int, timeout: float, shown: Progress | None = None) -> int:
     deadline = time.monotonic() + timeout
     count = 0
     while time.monotonic() < deadline:
         with Session(engine) as session:
             count = session.scalar(select(func.count()).select_from(ResultRow)
                                    .where(ResultRow.published_at.is_not(None))) or 0
+        if shown is not None:
+            shown.update(count)
         if count >= expected:
             break
         time.sleep(0.05)
@@ -112,11 +123,21 @@ def print_summary(summary: dict[str, Any]) -> None:
     for category, failure in failures.items():
         print(f"  {category:<26}{failure['ports']:>6}  {failure['example'][:110]}")
     print(f"  {'total':<26}{sum(f['ports'] for f in failures.values()):>6}")
-    url = f"sqlite:///{summary['database']}"
+    url = shlex.quote(f"sqlite:///{summary['database']}")
     for category, failure in failures.items():
         print(f"\nWhy did port {failure['example_port']} fail ({category})?\n"
-              f"  BINDPIPE_DATABASE_URL={url} bindpipe explain {failure['example_port']}")
+              f"  BINDPIPE_DATABASE_URL={url} {shlex.quote(invoked_as())} explain {failure['example_port']}")
         break
+
+
+def invoked_as() -> str:
+    """The ``bindpipe`` this process runs, as it was invoked (``.venv/bin/bindpipe`` from
+    scripts/demo): a command printed with it runs as typed, the virtualenv activated or not."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name == "bindpipe":
+        return argv0
+    beside = Path(sys.executable).with_name("bindpipe")  # e.g. run through the Python API
+    return str(beside) if beside.exists() else "bindpipe"
 
 
 def run_events(settings: Settings, engine: Engine, path: str, out: TextIO | None = None) -> int:

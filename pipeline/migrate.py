@@ -31,6 +31,7 @@ from sqlalchemy import Connection, inspect, text
 
 from pipeline.db import make_engine
 from pipeline.models.tables import PG_PF_VF_EXCLUSION, SQLITE_PF_VF_TRIGGER, Base
+from pipeline.progress import progress
 
 log = structlog.get_logger(__name__)
 
@@ -149,6 +150,23 @@ def _differences(connection: Connection) -> list[Any]:
             *_pf_vf_guard_differences(connection)]
 
 
+def schema_problem(connection: Connection) -> str | None:
+    """What keeps this code from using the database's schema (None: nothing). A schema made by
+    ``create_schema`` (no revision) is good when it matches the models, as :func:`upgrade` adopts it."""
+    revision, newest = _current(connection), head()
+    if revision == newest:
+        return None
+    if revision is None:
+        if not set(Base.metadata.tables) & set(inspect(connection).get_table_names()):
+            return "the database has no schema (empty or never migrated)"
+        if _differences(connection):
+            return "the database has tables but no Alembic revision, and they differ from the models"
+        return None
+    if revision not in {script.revision for script in ScriptDirectory.from_config(_scripts_config()).walk_revisions()}:
+        return f"the database is at revision {revision}, which this release does not know (a newer one migrated it)"
+    return f"the database is at revision {revision}, this release needs {newest}"
+
+
 def check(url: str) -> None:
     """Raise :class:`SchemaMismatch` unless the database's schema is exactly the models'."""
     engine = make_engine(url)
@@ -175,7 +193,12 @@ def upgrade(url: str, revision: str = "head") -> str | None:
                                          "from the models; stamp its revision by hand:", differences)
                 log.info("adopting a schema made by create_schema", stamp="head")
                 command.stamp(config, "head")
-            command.upgrade(config, revision)
+            steps = [script.revision for script in reversed(list(
+                ScriptDirectory.from_config(config).iterate_revisions(revision, _current(connection) or "base")))]
+            with progress("migrations applied", len(steps)) as shown:
+                for done, step in enumerate(steps, 1):  # one at a time, to show how far it got
+                    command.upgrade(config, step)
+                    shown.update(done)
             reached = _current(connection)
     finally:
         engine.dispose()

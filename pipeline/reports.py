@@ -342,16 +342,11 @@ def _read_session(engine: Engine) -> Session:
     return Session(engine)
 
 
-def main_explain(settings: Settings, port_id: str, as_json: bool) -> int:
-    """Print the port's story; 0 if the port is known (present or deleted), 1 if not, 2 if the
-    database cannot be read."""
-    engine = make_engine(settings.database_url)
+def main_explain(engine: Engine, port_id: str, as_json: bool) -> int:
+    """Print the port's story; 0 if the port is known (present or deleted), 1 if not."""
     try:
         with _read_session(engine) as session:
             report = explain_port(session, port_id)
-    except SQLAlchemyError as exc:
-        print(f"bindpipe explain: cannot read the database: {exc}", file=sys.stderr)
-        return 2
     finally:
         engine.dispose()
     sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n" if as_json else render_explain(report))
@@ -476,18 +471,14 @@ def render_status(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main_status(settings: Settings, as_json: bool) -> int:
-    """Print the status; 0, or 2 if the database cannot be read. Queue depths are skipped on the
-    embedded memory:// broker: its queues live inside the running ``bindpipe run`` process."""
-    engine = make_engine(settings.database_url)
+def main_status(settings: Settings, engine: Engine, as_json: bool) -> int:
+    """Print the status of ``engine``'s database; 0. Queue depths are skipped on the embedded
+    memory:// broker: its queues live inside the running ``bindpipe run`` process."""
     connection = None if settings.embedded else Connection(
         settings.broker_url, connect_timeout=5, heartbeat=0, ssl=settings.broker_ssl_options())
     try:
         with _read_session(engine) as session:
             report = collect_status(session, settings, datetime.now(UTC), connection)
-    except SQLAlchemyError as exc:
-        print(f"bindpipe status: cannot read the database: {exc}", file=sys.stderr)
-        return 2
     finally:
         if connection is not None:
             connection.release()

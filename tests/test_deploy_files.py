@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -100,7 +101,9 @@ def test_supervisord_conf_parses_with_a_program_per_stage(monkeypatch: pytest.Mo
             assert process.redirect_stderr and process.stdout_logfile == str(tmp_path / f"{name}.log")
     relay, server = processes["bindpipe-relay_00"], processes["bindpipe-metrics_00"]
     assert relay.command == "bindpipe relay" and relay.stopsignal == signal.SIGTERM and relay.stopwaitsecs > 2
-    assert server.command == "bindpipe metrics-server --port 9464"
+    assert server.command == "bindpipe metrics-server"  # BINDPIPE_METRICS_PORT / _ADDR, not a fixed port
+    watchdog = processes["bindpipe-watchdog_00"]
+    assert watchdog.command == "bindpipe watchdog" and watchdog.autorestart is not False
     prestart = processes["bindpipe-prestart"]
     assert prestart.command == str(PRESTART) and prestart.autorestart is False and prestart.startsecs == 0
     assert prestart.priority < min(p.priority for n, p in processes.items() if n != "bindpipe-prestart")
@@ -137,7 +140,7 @@ def test_supervisord_runs_every_process_and_stops_them_with_term(tmp_path: Path)
     daemon = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(SUPERVISORD_CONF)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        expected_running = sum(NUMPROCS.values()) + 2
+        expected_running = sum(NUMPROCS.values()) + 3  # the metrics server, the relay and the watchdog
         deadline = time.monotonic() + 30
         while True:
             status = subprocess.run([*ctl, "status"], env=env, capture_output=True, text=True).stdout
@@ -154,7 +157,7 @@ def test_supervisord_runs_every_process_and_stops_them_with_term(tmp_path: Path)
             daemon.kill()
     calls = (run_dir / "calls").read_text().splitlines()
     started = sorted(line.split(" ", 2)[2] for line in calls if line.startswith("start "))
-    assert started == sorted(["metrics-server --port 9464", "relay"]
+    assert started == sorted(["metrics-server", "relay", "watchdog"]
                              + [f"worker {s}" for s in STAGES for _ in range(NUMPROCS[s])])
     assert len([line for line in calls if line.startswith("term ")]) == len(started)
     log = (run_dir / "supervisord.log").read_text()
@@ -219,6 +222,7 @@ def test_systemd_worker_template() -> None:
     assert service["KillSignal"] == ["SIGTERM"]
     assert service["TimeoutStopSec"] == ["30"]
     assert service["Restart"] == ["on-failure"]
+    assert service["RestartPreventExitStatus"] == ["2"]  # a configuration refused at start: no restart loop
     assert service["EnvironmentFile"] == ["/etc/bindpipe/env"]
     assert "ExecStartPre" not in service  # the wipe is bindpipe-metrics.service's, once
     assert "bindpipe-metrics.service" in worker["Unit"]["After"][0].split()
@@ -229,13 +233,16 @@ def test_systemd_worker_template() -> None:
 def test_systemd_metrics_and_relay_units() -> None:
     server = unit("bindpipe-metrics.service")["Service"]
     assert server["ExecStartPre"] == ["/opt/bindpipe/deploy/bin/bindpipe-prestart"]
-    assert server["ExecStart"] == ["/opt/bindpipe/venv/bin/bindpipe metrics-server --port 9464"]
+    assert server["ExecStart"] == ["/opt/bindpipe/venv/bin/bindpipe metrics-server"]
     assert server["EnvironmentFile"] == ["/etc/bindpipe/env"]
     relay = unit("bindpipe-relay.service")
     assert relay["Service"]["ExecStart"] == ["/opt/bindpipe/venv/bin/bindpipe relay"]
-    for name in ("bindpipe-metrics.service", "bindpipe-relay.service"):
+    watchdog = unit("bindpipe-watchdog.service")
+    assert watchdog["Service"]["ExecStart"] == ["/opt/bindpipe/venv/bin/bindpipe watchdog"]
+    assert watchdog["Service"]["User"] == unit("bindpipe-worker@.service")["Service"]["User"]  # may signal them
+    for name in ("bindpipe-metrics.service", "bindpipe-relay.service", "bindpipe-watchdog.service"):
         sections = unit(name)
-        assert sections["Service"]["KillSignal"] == ["SIGTERM"] and sections["Service"]["TimeoutStopSec"] == ["30"]
+        assert sections["Service"]["KillSignal"] == ["SIGTERM"] and int(sections["Service"]["TimeoutStopSec"][0]) >= 10
         assert sections["Service"]["Restart"] == ["on-failure"]
         assert sections["Unit"]["PartOf"] == ["bindpipe.target"]
 
@@ -249,7 +256,7 @@ def test_rabbitmq_drop_in_raises_its_open_files_limit() -> None:
 
 def test_systemd_target_wants_every_unit() -> None:
     wanted = {w for line in unit("bindpipe.target")["Unit"]["Wants"] for w in line.split()}
-    assert wanted == {"bindpipe-metrics.service", "bindpipe-relay.service",
+    assert wanted == {"bindpipe-metrics.service", "bindpipe-relay.service", "bindpipe-watchdog.service",
                       *(f"bindpipe-worker@{s}.service" for s in STAGES)}
 
 
@@ -268,7 +275,8 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
         (units / source.name).write_text(source.read_text().replace("/opt/bindpipe", str(opt)))
     (units / "bindpipe-worker@validate.service").write_text((units / "bindpipe-worker@.service").read_text())
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", "--generators=no", "bindpipe-worker@validate.service",
-                           "bindpipe-metrics.service", "bindpipe-relay.service", "bindpipe.target"],
+                           "bindpipe-metrics.service", "bindpipe-relay.service", "bindpipe-watchdog.service",
+                           "bindpipe.target"],
                           cwd=units, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done.stdout + done.stderr
 
@@ -279,8 +287,9 @@ def test_env_example_reads_the_same_in_sh_and_settings(monkeypatch: pytest.Monke
     values = dict(line.split("=", 1) for line in done.stdout.splitlines() if line.startswith("BINDPIPE_"))
     assert json.loads(values["BINDPIPE_MECHANISM_DRIVERS"])[0] == "openvswitch"
     assert values["BINDPIPE_BROKER_URL"].startswith("amqp://bindpipe-worker:") and values["BINDPIPE_BROKER_URL"].endswith("/bindpipe")
-    from pipeline.settings import Settings
+    from pipeline.settings import Settings, unknown_variables
 
+    assert unknown_variables(values) == []  # every variable of the file is a setting (or supervisord's run dir)
     for key in list(os.environ):
         if key.startswith("BINDPIPE_"):
             monkeypatch.delenv(key)
@@ -289,6 +298,7 @@ def test_env_example_reads_the_same_in_sh_and_settings(monkeypatch: pytest.Monke
     settings = Settings()
     assert settings.mechanism_drivers[0] == "openvswitch" and settings.log_format == "json"
     assert settings.metrics_dir == values["BINDPIPE_METRICS_DIR"]
+    assert (settings.metrics_port, settings.metrics_addr) == (9464, "0.0.0.0")
 
 
 # --- RabbitMQ definitions (static; the broker test is test_rabbitmq_definitions.py) ----------------
@@ -492,6 +502,10 @@ EXERCISE_EVERY_METRIC = """
     m.PCI_DEVICES.labels("compute-1", "physnet1", "8086:1515", "available").set(4)
     m.EVENT_LOG_LAG.labels("validate").set(7)
     m.touch_loop("validate")
+    m.worker_state(["validate"], broker=True, database=True, consuming=True)
+    m.batch_done("validate")
+    m.sample_process("worker-validate")
+    m.BUILD_INFO.labels(**m.build_labels()).set(1)
 """
 
 
@@ -524,12 +538,23 @@ def test_multiprocess_export_sums_processes_and_drops_the_live_gauges_of_dead_on
         assert families["bindpipe_stage_messages_total"][(("outcome", "ok"), ("stage", "validate"))] == 2
         assert families["bindpipe_bindings_total"][(("outcome", "bound"), ("vif_type", "ovs"))] == 2
         assert families["bindpipe_event_log_lag"][(("stage", "validate"),)] == 7  # livemax: the max, not the sum
+        # per process, as ProcessCollector cannot in multiprocess mode: one series per live pid
+        pids = {str(w.pid) for w in workers}
+        for family in ("bindpipe_process_resident_memory_bytes", "bindpipe_process_cpu_seconds",
+                       "bindpipe_process_open_fds"):
+            readings = {dict(labels)["pid"]: value for labels, value in families[family].items()}
+            assert set(readings) == pids and all(value > 0 for value in readings.values()), (family, readings)
+            assert {dict(labels)["process"] for labels in families[family]} == {"worker-validate"}
+        assert {dict(labels)["pid"] for labels in families["bindpipe_worker_consuming"]} == pids
+        [(build, one)] = families["bindpipe_build_info"].items()
+        assert one == 1 and dict(build)["version"] == "0.1.0" and dict(build)["python"] == platform.python_version()
     finally:
         for worker in workers:
             worker.communicate("\n", timeout=30)
     families = exported_families(run_python(EXPORT, BINDPIPE_METRICS_DIR=str(tmp_path)).stdout)
     assert families["bindpipe_stage_messages_total"][(("outcome", "ok"), ("stage", "validate"))] == 2
-    for live_gauge in ("bindpipe_event_log_lag", "bindpipe_pci_devices", "bindpipe_worker_last_loop_timestamp_seconds"):
+    for live_gauge in ("bindpipe_event_log_lag", "bindpipe_pci_devices", "bindpipe_worker_last_loop_timestamp_seconds",
+                       "bindpipe_process_resident_memory_bytes", "bindpipe_worker_consuming", "bindpipe_build_info"):
         assert not families.get(live_gauge), live_gauge
 
 

@@ -10,6 +10,7 @@ with no message lost and no PCI device handed out twice, then scrapes the metric
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from typing import Any
 
 import pytest
 from kombu import Connection, Producer
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from pipeline.client import BindingClient
@@ -49,10 +51,10 @@ pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "deploy" / "supervisord.conf"
-METRICS_PORT = 9464  # what deploy/supervisord.conf gives `bindpipe metrics-server`
 GROUP = "bindpipe"
 NUMPROCS = {"bindpipe-metrics": 1, "bindpipe-validate": 2, "bindpipe-select": 2, "bindpipe-allocate": 1,
-            "bindpipe-compose": 2, "bindpipe-relay": 1}
+            "bindpipe-compose": 2, "bindpipe-relay": 1, "bindpipe-watchdog": 1}
+WORKER_PROCESSES = sum(n for program, n in NUMPROCS.items() if program.split("-")[1] in STAGES)
 PROCESSES = [f"{GROUP}:{program}_{n:02d}" for program, count in NUMPROCS.items() for n in range(count)]
 PRESTART = f"{GROUP}:bindpipe-prestart"
 VICTIM = f"{GROUP}:bindpipe-allocate_00"  # the only allocator: its queue waits for the restart
@@ -162,13 +164,16 @@ def wait_for_exit(pids: set[int], timeout: float) -> set[int]:
 
 # --- the environment ---------------------------------------------------------------------------
 
-def child_environment(bin_dir: Path, run_dir: Path, metrics_dir: Path, amqp_url: str, pg_url: str) -> dict[str, str]:
+def child_environment(bin_dir: Path, run_dir: Path, metrics_dir: Path, amqp_url: str, pg_url: str,
+                      metrics_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("BINDPIPE_") and k.lower() != "prometheus_multiproc_dir"}
     env.update({
         "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         "BINDPIPE_RUN_DIR": str(run_dir),
         "BINDPIPE_METRICS_DIR": str(metrics_dir),
+        "BINDPIPE_METRICS_PORT": str(metrics_port),  # the conf leaves the port to the setting
+        "BINDPIPE_METRICS_ADDR": "127.0.0.1",
         "BINDPIPE_BROKER_URL": amqp_url,
         "BINDPIPE_DATABASE_URL": pg_url,
         "BINDPIPE_DECLARE_TOPOLOGY": "false",  # passive checks only, as with the least-privilege user
@@ -186,14 +191,22 @@ def run_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def port_is_free(port: int) -> bool:
+def free_port() -> int:
     with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def healthz(port: int, stage: str | None = None) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, report) of the metrics server's readiness check."""
+    url = f"http://127.0.0.1:{port}/healthz" + (f"?stage={stage}" if stage else "")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    except urllib.error.URLError as error:  # the server is not listening yet
+        return 0, {"error": str(error)}
 
 
 # --- the events --------------------------------------------------------------------------------
@@ -359,16 +372,20 @@ def metric_problems(samples: dict[str, Any], engine: Engine, expected_bindings: 
 
 # --- the test ----------------------------------------------------------------------------------
 
-def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -> None:
-    bin_dir = venv_bin()
-    if not port_is_free(METRICS_PORT):
-        unavailable(f"port {METRICS_PORT} (the metrics server's, fixed in deploy/supervisord.conf) is in use")
-    metrics_dir = run_dir / "metrics"
-    env = child_environment(bin_dir, run_dir, metrics_dir, amqp_url, pg_url)
+def migrate_and_declare(bin_dir: Path, env: dict[str, str]) -> None:
+    """The database migrated and the topology declared, as deploy/README.md has an operator do first."""
     for command in (["migrate"], ["declare"]):
         done = subprocess.run([str(bin_dir / "bindpipe"), *command], env=env, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, f"bindpipe {command[0]}: {done.stdout}\n{done.stderr}"
+
+
+def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -> None:
+    bin_dir = venv_bin()
+    metrics_port = free_port()
+    metrics_dir = run_dir / "metrics"
+    env = child_environment(bin_dir, run_dir, metrics_dir, amqp_url, pg_url, metrics_port)
+    migrate_and_declare(bin_dir, env)
 
     engine = make_engine(pg_url)
     supervisor = Supervisor(bin_dir, env, run_dir)
@@ -383,6 +400,11 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
         wait_until(lambda: all(queue_state(amqp_url)[f"binding.{s}"][1] == n for s, n in CONSUMERS.items()), 30,
                  "a consumer per worker process on every stage queue", detail=lambda: str(queue_state(amqp_url)))
         print(f"supervisord up, every worker consuming after {time.monotonic() - started:.1f}s")
+        # every worker process answers the readiness check, on the port of BINDPIPE_METRICS_PORT
+        status, ready = wait_until(lambda: (answer := healthz(metrics_port))[0] == 200 and answer, 20,
+                                   "/healthz 200", detail=lambda: str(healthz(metrics_port)))
+        assert len(ready["processes"]) == WORKER_PROCESSES and ready["stages"] == dict.fromkeys(STAGES, True), ready
+        assert all(p["broker"] and p["database"] and p["consuming"] for p in ready["processes"]), ready
 
         with BindingClient(settings=settings) as client, ExitStack() as streams:
             wire = {host: streams.enter_context(client.results_for(host)) for host in HOSTS}
@@ -400,11 +422,11 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
             # Before any dead letter, every family is exported already, dead letters as zeros per
             # stage and reason: the initial 0 that increase() in BindpipeDeadLettersGrowing needs.
             def all_families() -> dict[str, Any] | None:
-                samples = scrape(METRICS_PORT)
+                samples = scrape(metrics_port)
                 return samples if all(family_present(samples, f) for f in METRIC_FAMILIES) else None
 
             samples = wait_until(all_families, 15, "every metric family exported",
-                               detail=lambda: str(sorted(scrape(METRICS_PORT))))
+                               detail=lambda: str(sorted(scrape(metrics_port))))
             zeros = {(labels["stage"], labels["reason"]) for labels, value in samples["bindpipe_dead_letters_total"]
                      if value == 0}
             assert zeros == {(s, r) for s in STAGES for r in DEAD_LETTER_REASONS}, zeros
@@ -515,12 +537,75 @@ def test_pipeline_under_supervisord(pg_url: str, amqp_url: str, run_dir: Path) -
         problems: list[str] = []
 
         def metrics_agree() -> bool:
-            problems[:] = metric_problems(scrape(METRICS_PORT), engine, outcomes, failures)
+            problems[:] = metric_problems(scrape(metrics_port), engine, outcomes, failures)
             return not problems
 
         wait_until(metrics_agree, 20, "/metrics agreeing with the database", interval=1,
                  detail=lambda: "\n".join(problems))
         print(f"total {time.monotonic() - started:.1f}s from supervisord's start")
+    finally:
+        try:
+            supervisor.stop()
+        finally:
+            engine.dispose()
+
+
+def test_the_watchdog_aborts_a_stalled_worker_and_supervisord_starts_another(pg_url: str, amqp_url: str,
+                                                                             run_dir: Path) -> None:
+    """A validate worker whose batch waits on a table lock stops turning its loop: /healthz says
+    so, the watchdog aborts it (its log shows where it was), supervisord starts another, and once
+    the lock goes the event is handled; the other processes carry on throughout."""
+    bin_dir = venv_bin()
+    metrics_port = free_port()
+    env = {**child_environment(bin_dir, run_dir, run_dir / "metrics", amqp_url, pg_url, metrics_port),
+           "BINDPIPE_STALL_SECONDS": "3"}
+    migrate_and_declare(bin_dir, env)
+    engine = make_engine(pg_url)
+    supervisor = Supervisor(bin_dir, env, run_dir)
+    try:
+        supervisor.start()
+        wait_until(supervisor.all_running, 60, "every program RUNNING", interval=0.5, detail=supervisor.logs)
+        wait_until(lambda: healthz(metrics_port)[0] == 200, 30, "/healthz 200",
+                   detail=lambda: str(healthz(metrics_port)))
+        before = {name: pid for name, (_, pid) in supervisor.status().items()}
+
+        with engine.connect() as holder:
+            # until this transaction ends; only an agent report's batch needs the table (no gauge reads it)
+            holder.execute(text("LOCK TABLE agents IN ACCESS EXCLUSIVE MODE"))
+            settings = Settings(broker_url=amqp_url, database_url=pg_url, declare_topology=False)
+            with BindingClient(settings=settings) as client:
+                client.publish("agent.report", {"agent_type": "Open vSwitch agent", "host": "h1"})
+
+            def stalled() -> dict[str, Any] | None:
+                status, report = healthz(metrics_port, "validate")
+                return report if status == 503 and any(p["stalled"] for p in report["processes"]) else None
+
+            report = wait_until(stalled, 30, "a stalled validate worker on /healthz",
+                                detail=lambda: str(healthz(metrics_port)))
+            [victim] = [p["pid"] for p in report["processes"] if p["stalled"]]
+            [name] = [n for n, pid in before.items() if pid == victim]
+            assert name.startswith(f"{GROUP}:bindpipe-validate_"), (name, before)
+
+            def restarted() -> bool:
+                state, pid = supervisor.status().get(name, ("", None))
+                return state == "RUNNING" and pid not in (None, victim)
+
+            wait_until(restarted, 40, f"{name} aborted and started again", detail=supervisor.logs)
+            holder.rollback()  # the lock goes: the redelivered event can be handled
+        wait_until(lambda: count(engine, select(func.count()).select_from(EventLog)) == 1, 30,
+                   "the event handled after the restart", detail=supervisor.logs)
+
+        log = (run_dir / "supervisord.log").read_text()
+        program = name.split(":", 1)[1]
+        assert re.search(rf"exited: {program} \(terminated by SIGABRT", log), log
+        worker_log = (run_dir / f"{program}.log").read_text()
+        assert "Fatal Python error: Aborted" in worker_log and "Current thread" in worker_log, worker_log[-3000:]
+        watchdog_log = (run_dir / "bindpipe-watchdog_00.log").read_text()
+        assert "worker stalled, aborting it" in watchdog_log and str(victim) in watchdog_log
+        after = {n: pid for n, (_, pid) in supervisor.status().items()}
+        assert {n for n in before if before[n] != after[n]} == {name}, (before, after)  # only the victim restarted
+        wait_until(lambda: healthz(metrics_port)[0] == 200, 30, "/healthz 200 again",
+                   detail=lambda: str(healthz(metrics_port)))
     finally:
         try:
             supervisor.stop()

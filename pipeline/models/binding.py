@@ -1,12 +1,15 @@
 """Binding configuration, request context and the result a compute host consumes."""
 
-from typing import Any
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from pipeline.models import vocabulary as v
 from pipeline.models.reasons import primary_decline
 from pipeline.models.topology import Segment
+
+#: The version of the bus contract (envelopes in, results out) this code speaks; every result says it.
+CONTRACT_VERSION: Final = "1.0"
 
 
 class DriverConfig(BaseModel):
@@ -20,15 +23,15 @@ class DriverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mechanism_drivers: tuple[str, ...] = ("openvswitch",)
-    enable_security_group: bool = True
+    enable_security_group: StrictBool = True
     ovs_vnic_type_prohibit_list: tuple[str, ...] = ()
-    ovs_create_tap: bool = True
+    ovs_create_tap: StrictBool = True
     sriov_vnic_type_prohibit_list: tuple[str, ...] = ()
-    ovn_ovs_create_tap: bool = True
+    ovn_ovs_create_tap: StrictBool = True
     ovn_vhost_sock_dir: str = v.DEFAULT_VHOST_SOCKET_DIR
-    ovn_logical_switch_per_vlan_segment: bool = False
-    strict_profile: bool = False
-    legacy_profile_policy: bool = False
+    ovn_logical_switch_per_vlan_segment: StrictBool = False
+    strict_profile: StrictBool = False
+    legacy_profile_policy: StrictBool = False
 
 
 class RequestContext(BaseModel):
@@ -126,6 +129,8 @@ class BindingResult(BaseModel):
     dynamic_segments: list[dict[str, Any]] = Field(default_factory=list)
     event_id: str | None = None
     seq: int | None = None
+    contract_version: Literal[CONTRACT_VERSION] = Field(
+        CONTRACT_VERSION, description="the bus contract's version this result follows")
 
     @property
     def bound(self) -> bool:

@@ -2,13 +2,14 @@
 
 Field names follow the dry-run scenario format of the conformance suite, which the bus payloads reuse.
 Values a driver must judge (the port's ``vnic_type`` and ``profile``) are kept raw here: the
-validation stage turns a bad value into a specific ``InvalidInput``, not a model error.
+validation stage turns a bad value into a specific ``InvalidInput``, not a model error. Booleans
+and numbers are strict: ``"alive": "yes"`` or ``1`` is refused, not taken for ``true``.
 """
 
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from pipeline.models import vocabulary as v
 
@@ -25,8 +26,8 @@ class Segment(Model):
     id: str
     network_type: NetworkType
     physical_network: str | None = None
-    segmentation_id: int | None = None
-    is_dynamic: bool = False
+    segmentation_id: StrictInt | None = None
+    is_dynamic: StrictBool = False
 
 
 class Subnet(Model):
@@ -50,8 +51,8 @@ class Agent(Model):
     id: str | None = Field(None, description="the agent's identity; default: type, host and binary")
     agent_type: str
     host: str
-    alive: bool = True
-    admin_state_up: bool = True
+    alive: StrictBool = True
+    admin_state_up: StrictBool = True
     binary: str | None = None
     configurations: dict[str, Any] = Field(default_factory=dict)
     heartbeat_at: datetime | None = None
@@ -80,7 +81,7 @@ class Port(Model):
     network_id: str | None = None
     fixed_ips: list[FixedIP] = Field(default_factory=list)
     numa_affinity_policy: Literal["required", "preferred", "legacy", "socket"] | None = None
-    instance_numa_cells: list[int] | None = None
+    instance_numa_cells: list[StrictInt] | None = None
 
     @field_validator("host", mode="before")
     @classmethod

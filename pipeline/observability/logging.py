@@ -46,6 +46,9 @@ _DSN_PASSWORD = re.compile(r"(?P<head>\bpass(word|wd)\s*=\s*)('[^']*'|\S+)", re.
 _MAY_HOLD_PASSWORD = re.compile(r"://|pass", re.IGNORECASE)  # what either pattern above needs
 
 _HANDLER_NAME = "bindpipe"
+# Alembic announces its plugins, its dialect and what it compares at INFO whenever a command checks
+# the schema; `bindpipe migrate` reports the revisions itself.
+QUIET_LOGGERS = ("alembic",)
 
 
 def is_secret_key(name: object) -> bool:
@@ -176,6 +179,8 @@ def configure_logging(fmt: str = "console", level: int | str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)
 
 

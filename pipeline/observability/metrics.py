@@ -14,18 +14,24 @@ the live gauges of processes that have exited are reaped on every export
 their counters and histograms keep adding to the totals.
 
 Labels are bounded: stages, outcomes, reason *categories*, vif types, hosts and physnets; never
-port ids or free text (use :func:`failure_reason_category` for decline/error texts).
+port ids or free text (use :func:`failure_reason_category` for decline/error texts). The
+``liveall`` gauges (a worker's readiness facts, a process's RSS, CPU time and open fds) carry one
+series per *live* process, labelled ``pid`` by the multiprocess export: as many as the machine
+runs processes, and reaped with them.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from importlib.metadata import version
+from typing import Any
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -36,6 +42,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     make_wsgi_app,
+    ProcessCollector,
     multiprocess,
     values,
 )
@@ -103,8 +110,38 @@ WORKER_LAST_LOOP = Gauge(
     "bindpipe_worker_last_loop_timestamp_seconds", "Unix time at which a stage worker's consume loop last turned.",
     ["stage"], multiprocess_mode="livemax")
 
+
+def _per_process(name: str, documentation: str, label: str) -> Gauge:
+    """A gauge with one series per live process: ``liveall``, which the export labels with its pid."""
+    return Gauge(name, documentation, [label], multiprocess_mode="liveall")
+
+
+# A worker process's readiness facts (pipeline/observability/health.py reads them for /healthz and
+# the watchdog).
+WORKER_BROKER = _per_process(
+    "bindpipe_worker_broker_connected", "1 while a worker process is connected to the broker.", "stage")
+WORKER_DATABASE = _per_process(
+    "bindpipe_worker_database_reachable", "1 when a worker process's last look at the database succeeded.", "stage")
+WORKER_CONSUMING = _per_process(
+    "bindpipe_worker_consuming", "1 while a worker process's consumers are registered with the broker.", "stage")
+WORKER_LOOP = _per_process(
+    "bindpipe_worker_process_loop_timestamp_seconds", "Unix time at which a worker process's consume loop last turned.",
+    "stage")
+WORKER_LAST_BATCH = _per_process(
+    "bindpipe_worker_last_batch_timestamp_seconds", "Unix time at which a worker process last handled a batch.", "stage")
+# prometheus_client's ProcessCollector reads only its own process: in multiprocess mode each process
+# writes its readings here, labelled with its role.
+PROCESS_RESIDENT_MEMORY = _per_process(
+    "bindpipe_process_resident_memory_bytes", "Resident memory of a live process.", "process")
+PROCESS_CPU = _per_process("bindpipe_process_cpu_seconds", "User and system CPU time a live process has used.", "process")
+PROCESS_OPEN_FDS = _per_process("bindpipe_process_open_fds", "Open file descriptors of a live process.", "process")
+BUILD_INFO = Gauge(
+    "bindpipe_build_info", "1, labelled with the version of the code the machine's live processes run.",
+    ["version", "python", "kombu"], multiprocess_mode="livemax")
+
 _ALL = (STAGE_MESSAGES, STAGE_DURATION, BATCH_SIZE, END_TO_END_LATENCY, BINDINGS, BINDING_FAILURES, DEAD_LETTERS,
-        PCI_DEVICES, EVENT_LOG_LAG, WORKER_LAST_LOOP)
+        PCI_DEVICES, EVENT_LOG_LAG, WORKER_LAST_LOOP, WORKER_BROKER, WORKER_DATABASE, WORKER_CONSUMING, WORKER_LOOP,
+        WORKER_LAST_BATCH, PROCESS_RESIDENT_MEMORY, PROCESS_CPU, PROCESS_OPEN_FDS, BUILD_INFO)
 _UNLABELLED = (END_TO_END_LATENCY,)
 
 #: Every metric family name as exposed (counters with their ``_total``), for docs, dashboards and tests.
@@ -119,6 +156,15 @@ METRIC_FAMILIES = (
     "bindpipe_pci_devices",
     "bindpipe_event_log_lag",
     "bindpipe_worker_last_loop_timestamp_seconds",
+    "bindpipe_worker_broker_connected",
+    "bindpipe_worker_database_reachable",
+    "bindpipe_worker_consuming",
+    "bindpipe_worker_process_loop_timestamp_seconds",
+    "bindpipe_worker_last_batch_timestamp_seconds",
+    "bindpipe_process_resident_memory_bytes",
+    "bindpipe_process_cpu_seconds",
+    "bindpipe_process_open_fds",
+    "bindpipe_build_info",
 )
 
 
@@ -164,7 +210,7 @@ _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
 _REAP_LOCK = threading.Lock()
 
 
-def _writes_to(pid: int, path: str) -> bool:
+def writes_to(pid: int, path: str) -> bool:
     """Is ``pid`` a live process with a file of ``path`` mapped (as every metrics writer has)?
 
     Looking at /proc/PID/maps, not just at the pid, keeps a recycled pid from passing for the dead
@@ -198,7 +244,7 @@ def reap_dead_processes(path: str | None = None) -> list[int]:
         return []
     with _REAP_LOCK:  # concurrent scrapes would race on the same files
         pids = {int(m.group(1)) for m in map(_LIVE_GAUGE_FILE.match, os.listdir(path)) if m}
-        dead = sorted(pid for pid in pids if pid != os.getpid() and not _writes_to(pid, path))
+        dead = sorted(pid for pid in pids if pid != os.getpid() and not writes_to(pid, path))
         for pid in dead:
             try:
                 multiprocess.mark_process_dead(pid, path)
@@ -238,18 +284,25 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def make_metrics_server(port: int, addr: str = "0.0.0.0") -> WSGIServer:
-    """An HTTP server (not yet serving) whose every path answers with :func:`registry_for_export`."""
+def make_metrics_server(port: int, addr: str = "0.0.0.0", routes: dict[str, Callable[..., Any]] | None = None
+                        ) -> WSGIServer:
+    """An HTTP server (not yet serving): the WSGI apps of ``routes`` by path (``/healthz``), and
+    :func:`registry_for_export` on every other path."""
     server_class = _Server
     if ":" in addr:  # an IPv6 address
         server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
-    return make_server(addr, port, make_wsgi_app(registry_for_export()), server_class=server_class,
-                       handler_class=_QuietHandler)
+    exported = make_wsgi_app(registry_for_export())
+    routes = routes or {}
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        return routes.get(environ.get("PATH_INFO", ""), exported)(environ, start_response)
+
+    return make_server(addr, port, app, server_class=server_class, handler_class=_QuietHandler)
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> None:
+def serve(port: int, addr: str = "0.0.0.0", routes: dict[str, Callable[..., Any]] | None = None) -> None:
     """Serve the metrics until SIGTERM (or SIGINT), then return; blocking (``bindpipe metrics-server``)."""
-    server = make_metrics_server(port, addr)
+    server = make_metrics_server(port, addr, routes)
     if threading.current_thread() is threading.main_thread():
         def stop(signum: int, frame: object) -> None:
             # shutdown() waits for serve_forever() to return, so it must run on another thread.
@@ -306,17 +359,69 @@ def observe_each(histogram: Histogram, amount: float, count: int) -> None:
 
 
 def touch_loop(stage: str) -> None:
-    """Record that ``stage``'s consume loop is turning (for the worker-stalled alert); the first
-    time in this process, also create the stage's series at 0 (:func:`init_stage_series`)."""
+    """Record that ``stage``'s consume loop is turning (for the worker-stalled alert and this
+    process's readiness); the first time in this process, also create the stage's series at 0
+    (:func:`init_stage_series`)."""
     init_stage_series(stage)
-    WORKER_LAST_LOOP.labels(stage=stage).set(time.time())
+    now = time.time()
+    WORKER_LAST_LOOP.labels(stage=stage).set(now)
+    WORKER_LOOP.labels(stage=stage).set(now)
+
+
+def worker_state(stages: Iterable[str], broker: bool | None = None, database: bool | None = None,
+                 consuming: bool | None = None) -> None:
+    """Record this worker process's readiness facts for ``stages`` (None: unchanged)."""
+    for stage in stages:
+        for gauge, fact in ((WORKER_BROKER, broker), (WORKER_DATABASE, database), (WORKER_CONSUMING, consuming)):
+            if fact is not None:
+                gauge.labels(stage=stage).set(1 if fact else 0)
+
+
+def batch_done(stage: str) -> None:
+    WORKER_LAST_BATCH.labels(stage=stage).set(time.time())
+
+
+_PROCESS_READINGS = {"process_resident_memory_bytes": PROCESS_RESIDENT_MEMORY, "process_cpu_seconds": PROCESS_CPU,
+                     "process_open_fds": PROCESS_OPEN_FDS}
+PROCESS_SAMPLE_SECONDS = 5.0
+
+
+def sample_process(process: str, reader: ProcessCollector | None = None) -> None:
+    """This process's RSS, CPU time and open fds, as ``ProcessCollector`` reads them (/proc), into
+    the gauges labelled ``process``; nothing where /proc is missing."""
+    for family in (reader or ProcessCollector(registry=None)).collect():
+        gauge = _PROCESS_READINGS.get(family.name)
+        if gauge is not None and family.samples:
+            gauge.labels(process=process).set(family.samples[0].value)
+
+
+def build_labels() -> dict[str, str]:
+    from pipeline import __version__
+
+    return {"version": __version__, "python": platform.python_version(), "kombu": version("kombu")}
+
+
+def start_process_metrics(process: str) -> threading.Thread:
+    """``bindpipe_build_info`` for this process, and :func:`sample_process` every few seconds in a
+    daemon thread, for the life of a long-running process (worker, relay, metrics server)."""
+    BUILD_INFO.labels(**build_labels()).set(1)
+    reader = ProcessCollector(registry=None)
+
+    def sample_forever() -> None:
+        while True:
+            sample_process(process, reader)
+            time.sleep(PROCESS_SAMPLE_SECONDS)
+
+    thread = threading.Thread(target=sample_forever, name="bindpipe-process-metrics", daemon=True)
+    thread.start()
+    return thread
 
 
 __all__ = [
     "BATCH_SIZE", "BINDINGS", "BINDING_FAILURES", "BINDING_OUTCOMES", "DEAD_LETTERS", "DEAD_LETTER_REASONS",
     "END_TO_END_LATENCY", "EVENT_LOG_LAG", "FAILURE_REASONS", "METRIC_FAMILIES", "PCI_DEVICES", "PCI_STATES",
-    "STAGES", "STAGE_DURATION", "STAGE_MESSAGES", "STAGE_OUTCOMES", "WORKER_LAST_LOOP", "bounded",
-    "configure_metrics_dir", "failure_reason_category", "init_stage_series", "make_metrics_server", "mark_dead",
-    "metrics_dir", "observe_each",
-    "reap_dead_processes", "registry_for_export", "serve", "touch_loop",
+    "STAGES", "STAGE_DURATION", "STAGE_MESSAGES", "STAGE_OUTCOMES", "WORKER_LAST_LOOP", "batch_done", "bounded",
+    "build_labels", "configure_metrics_dir", "failure_reason_category", "init_stage_series", "make_metrics_server",
+    "mark_dead", "metrics_dir", "observe_each", "reap_dead_processes", "registry_for_export", "sample_process",
+    "serve", "start_process_metrics", "touch_loop", "worker_state", "writes_to",
 ]

@@ -118,6 +118,7 @@ class Worker(ConsumerProducerMixin):
     # --- kombu mixin hooks ---
     @contextmanager
     def establish_connection(self):  # noqa: ANN201 - the mixin's context manager
+        metrics.worker_state(self.buffers, broker=False, consuming=False)
         with self.create_connection() as conn:
             try:
                 connect_with_retry(conn, stop_requested=lambda: self.stopping)
@@ -125,6 +126,7 @@ class Worker(ConsumerProducerMixin):
                 if self.stopping:  # told to stop while the broker is away: nothing is in hand, leave
                     self.should_stop = True
                 raise
+            metrics.worker_state(self.buffers, broker=True)
             self.connections_made += 1
             if self.connections_made > 1:
                 log.warning("reconnected to the broker; deliveries not acked came back", times=self.connections_made)
@@ -148,6 +150,9 @@ class Worker(ConsumerProducerMixin):
             consumers += [consumer_cls(queues=[dlq], on_message=partial(self.receive_dead, stage), no_ack=False,
                                        prefetch_count=DLQ_PREFETCH) for stage, dlq in zip(self.buffers, dlqs, strict=True)]
         return consumers
+
+    def on_consume_ready(self, connection: Connection, channel: Any, consumers: list[Consumer], **kwargs: Any) -> None:
+        metrics.worker_state(self.buffers, consuming=True)
 
     def prefetch(self, stage: str) -> int:
         """Deliveries in hand per stage: a hand-off holds up to ``HANDOFF_JOBS`` jobs, so fewer of
@@ -225,7 +230,9 @@ class Worker(ConsumerProducerMixin):
             try:
                 with self.keepalive.waiting():
                     refresh_gauges(self.engine, list(self.buffers))
+                metrics.worker_state(self.buffers, database=True)
             except Exception as exc:  # noqa: BLE001 - gauges wait for the database; the work goes on
+                metrics.worker_state(self.buffers, database=False)
                 log.warning("gauges not refreshed", error=str(exc)[:200])
         if self.stopping:
             left = sum(len(b.items) for b in self.buffers.values()) + len(self.refused)
@@ -240,6 +247,7 @@ class Worker(ConsumerProducerMixin):
         return [c.connection for c in held if c.transport.driver_type == "amqp" and c.connected]
 
     def on_consume_end(self, connection: Connection, channel: Any) -> None:
+        metrics.worker_state(self.buffers, consuming=False)
         self.drop_publisher()
         super().on_consume_end(connection, channel)
 
@@ -431,6 +439,7 @@ class Worker(ConsumerProducerMixin):
 
     def observe(self, handler: StageHandler, size: int, seconds: float, batch: HandledBatch) -> None:
         stage = handler.stage
+        metrics.batch_done(stage)
         if size:
             metrics.BATCH_SIZE.labels(stage=stage).observe(size)
             metrics.observe_each(metrics.STAGE_DURATION.labels(stage=stage), seconds / size, size)

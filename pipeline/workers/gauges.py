@@ -12,7 +12,9 @@ from pipeline.observability import metrics
 
 
 def refresh_gauges(engine: Engine, stages: list[str]) -> None:
+    """Raises when the database cannot be read (the worker's readiness says so)."""
     with Session(engine) as session:
+        session.execute(select(1))  # a look at the database even for a stage with no gauge of its own
         if {"validate", "allocate"} & set(stages):
             refresh_pci_devices(session)
         if "compose" in stages:

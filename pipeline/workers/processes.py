@@ -9,6 +9,7 @@ one level up; use one or the other.
 import multiprocessing
 import signal
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
@@ -18,20 +19,13 @@ log = structlog.get_logger(__name__)
 RESTART_PAUSE = 1.0
 
 
-def _child(stage: str) -> None:
-    from pipeline.cli import _engine, _settings
-    from pipeline.workers.consumer import Worker
-
-    settings = _settings()
-    Worker(settings, _engine(settings), [stage]).run_forever()
-
-
-def run_processes(stage: str, count: int) -> int:
+def run_processes(child: Callable[[str], None], stage: str, count: int) -> int:
+    """``count`` processes running ``child(stage)`` (a module-level function: they are spawned)."""
     context = multiprocessing.get_context("spawn")
     stopping: list[int] = []
 
     def start() -> BaseProcess:
-        process = context.Process(target=_child, args=(stage,), name=f"bindpipe-{stage}", daemon=False)
+        process = context.Process(target=child, args=(stage,), name=f"bindpipe-{stage}", daemon=False)
         process.start()
         return process
 

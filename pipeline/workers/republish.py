@@ -19,7 +19,8 @@ import structlog
 from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
-from pipeline.models.tables import DeadLetter, ResultRow
+from pipeline.models.tables import DeadLetter, EventLog, ResultRow
+from pipeline.progress import progress
 from pipeline.store import dead_letters as dead_letter_store
 from pipeline.store.marks import events_between
 from pipeline.workers.consumer import mark_published
@@ -63,13 +64,18 @@ def replay_events(engine: Engine, publisher: BatchPublisher, first: int, last: i
                   chunk: int = 500) -> int:
     """Publish the logged envelopes with ``first <= seq <= last`` again, in log order."""
     count = 0
-    while last is None or first <= last:
-        with Session(engine) as session:
-            rows = events_between(session, first, last, limit=chunk)
-        if not rows:
-            break
-        count += publisher.publish(((EVENTS.name, r.event_type, r.envelope) for r in rows), headers=REPLAY_HEADER)
-        first = rows[-1].seq + 1
+    with Session(engine) as session:
+        total = session.scalar(select(func.count()).select_from(EventLog).where(
+            EventLog.seq >= first, EventLog.seq <= (last if last is not None else EventLog.seq)))
+    with progress("events replayed", total) as shown:
+        while last is None or first <= last:
+            with Session(engine) as session:
+                rows = events_between(session, first, last, limit=chunk)
+            if not rows:
+                break
+            count += publisher.publish(((EVENTS.name, r.event_type, r.envelope) for r in rows), headers=REPLAY_HEADER)
+            shown.update(count)
+            first = rows[-1].seq + 1
     return count
 
 
