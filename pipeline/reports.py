@@ -17,10 +17,8 @@ from typing import Any
 
 from kombu import Connection, Queue
 from sqlalchemy import Engine, and_, func, or_, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from pipeline.db import make_engine
 from pipeline.models import vocabulary as v
 from pipeline.models.binding import BindingResult, Decline
 from pipeline.models.jobs import BindingJob
