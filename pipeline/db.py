@@ -37,7 +37,10 @@ from pipeline.models.tables import Base
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
-MARK_KEY = "pk_stage_marks"
+# Keys two transactions may both insert when each handles a message the other could not see yet:
+# copies of one message (a stage mark), or a port's creation and its next event in two batches of
+# two workers (the port). The retry finds the winner's row, locked, and goes on from it.
+RACED_KEYS = {"pk_stage_marks": "stage_marks.job_id, stage_marks.stage", "pk_ports": "ports.id"}
 
 
 def _json_text(value: object) -> str:
@@ -74,22 +77,22 @@ def create_schema(engine: Engine) -> None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors a fresh attempt of the whole transaction can cure. A stage mark's key conflict is one:
-    two workers handled copies of one message at once; the retry finds the winner's mark."""
+    """Errors a fresh attempt of the whole transaction can cure: a lost connection, a serialization
+    failure or deadlock, and a conflict on one of the ``RACED_KEYS``."""
     if isinstance(exc, OperationalError):
         return True
     if isinstance(exc, IntegrityError):
-        return _violates(exc, MARK_KEY)
+        return any(_violates(exc, name, columns) for name, columns in RACED_KEYS.items())
     if isinstance(exc, DBAPIError):
         return getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
     return False
 
 
-def _violates(exc: IntegrityError, constraint: str) -> bool:
+def _violates(exc: IntegrityError, constraint: str, columns: str) -> bool:
     diag = getattr(exc.orig, "diag", None)
     if diag is not None:  # PostgreSQL names the constraint
         return getattr(diag, "constraint_name", None) == constraint
-    return "UNIQUE constraint failed: stage_marks.job_id, stage_marks.stage" in str(exc.orig)  # SQLite
+    return f"UNIQUE constraint failed: {columns}" in str(exc.orig)  # SQLite names the columns
 
 
 def among(session: Session, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:

@@ -31,7 +31,7 @@ from tests.services import fresh_database
 
 pytestmark = pytest.mark.services
 
-HEAD = "0006"
+HEAD = "0007"
 PF, VF0, VF1 = "0000:81:00.0", "0000:81:10.0", "0000:81:10.1"
 
 

@@ -121,6 +121,20 @@ class PortRow(Base):
     body: Mapped[dict[str, Any]] = mapped_column(default=dict)
     revision: Mapped[int] = mapped_column(default=1)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    event_at: Mapped[datetime | None]  # the occurred_at of the event that set its binding inputs
+
+
+class DeletedPort(Base):
+    """A deleted port's last word: an event about it that occurred before its deletion arrives late
+    (events of one port may overtake each other between competing workers) and changes nothing; a
+    port created again with the same id goes on from its revision, so no job of the old one passes
+    for a job of the new one."""
+
+    __tablename__ = "deleted_ports"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_at: Mapped[datetime]
+    revision: Mapped[int]
 
 
 class BindingRow(Base):

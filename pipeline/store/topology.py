@@ -8,7 +8,7 @@ from sqlalchemy import bindparam, delete, literal, select
 from sqlalchemy.orm import Session
 
 from pipeline.db import among, insert_rows
-from pipeline.models.tables import AgentRow, BindingRow, NetworkRow, PortRow, SegmentRow
+from pipeline.models.tables import AgentRow, BindingRow, DeletedPort, NetworkRow, PortRow, SegmentRow
 from pipeline.models.topology import Agent, Network, Port, Segment, Subnet
 from pipeline.models.vocabulary import OVN_CONTROLLER_TYPES, VIF_TYPE_BINDING_FAILED, VIF_UNPLUGGED_TYPES
 
@@ -122,6 +122,7 @@ class NewPort:
     profile: dict[str, Any]
     body: dict[str, Any]
     revision: int = 0
+    event_at: datetime | None = None
 
 
 def port_from_row(row: PortRow | NewPort) -> Port:
@@ -142,18 +143,44 @@ def lock_port_revisions(session: Session, port_ids: list[str]) -> dict[str, int]
                                 .order_by(PortRow.id).with_for_update()).all())
 
 
-def store_port(row: PortRow | NewPort | None, port: Port) -> tuple[PortRow | NewPort, bool]:
-    """Create or replace a port's stored object; also says whether its binding inputs changed. A
-    new port is a ``NewPort``: ``insert_ports`` writes a batch's new ports at once."""
+def store_port(row: PortRow | NewPort | None, port: Port, at: datetime,
+               revision: int = 0) -> tuple[PortRow | NewPort, bool]:
+    """Create or replace a port's stored object, as the event that occurred ``at`` says; also says
+    whether its binding inputs changed. A new port is a ``NewPort`` (its revision counting on from
+    ``revision``): ``insert_ports`` writes a batch's new ports at once."""
     body = port.model_dump(mode="json", exclude={"id", "network_id", "host", "vnic_type", "profile"})
     profile = port.profile if isinstance(port.profile, dict) else {}
     vnic_type = port.vnic_type if isinstance(port.vnic_type, str) else "normal"
     if row is None:
-        return NewPort(port.id, port.network_id, port.host, vnic_type, profile, body), True
+        return NewPort(port.id, port.network_id, port.host, vnic_type, profile, body, revision, at), True
     changed = (row.host, row.vnic_type, row.profile) != (port.host, vnic_type, profile)
-    row.network_id, row.host, row.vnic_type, row.profile, row.body = (
-        port.network_id or row.network_id, port.host, vnic_type, profile, body)
+    row.network_id, row.host, row.vnic_type, row.profile, row.body, row.event_at = (
+        port.network_id or row.network_id, port.host, vnic_type, profile, body, at)
     return row, changed
+
+
+def occurred_before(at: datetime, last: datetime | None) -> bool:
+    """Did an event that occurred ``at`` happen before the one that last wrote (``last``)? Then it
+    was overtaken on its way and must change nothing. (Events of one instant apply in arrival order.)"""
+    return last is not None and at < _aware(last)
+
+
+def deleted_ports(session: Session, port_ids: list[str]) -> dict[str, tuple[datetime, int]]:
+    """The tombstones of ``port_ids``: when each was deleted, and its last revision."""
+    if not port_ids:
+        return {}
+    return {row.id: (_aware(row.event_at), row.revision) for row in session.scalars(
+        select(DeletedPort).where(among(session, DeletedPort.id, port_ids)).with_for_update())}
+
+
+def save_deleted_ports(session: Session, tombstones: dict[str, tuple[datetime, int] | None]) -> None:
+    """A batch's tombstones: laid (when, revision), or lifted (None: the port was created again)."""
+    lifted = [port_id for port_id, stone in tombstones.items() if stone is None]
+    if lifted:
+        session.execute(delete(DeletedPort).where(among(session, DeletedPort.id, lifted)))
+    insert_rows(session, DeletedPort.__table__, [{"id": port_id, "event_at": at, "revision": revision}
+                                                 for port_id, stone in tombstones.items() if stone is not None
+                                                 for at, revision in [stone]], on_conflict="update")
 
 
 def insert_ports(session: Session, rows: list[NewPort]) -> None:
@@ -163,7 +190,7 @@ def insert_ports(session: Session, rows: list[NewPort]) -> None:
         now = datetime.now(UTC)
         insert_rows(session, PortRow.__table__, [
             {"id": r.id, "network_id": r.network_id, "host": r.host, "vnic_type": r.vnic_type, "profile": r.profile,
-             "body": r.body, "revision": r.revision, "updated_at": now} for r in rows])
+             "body": r.body, "revision": r.revision, "updated_at": now, "event_at": r.event_at} for r in rows])
 
 
 def save_bindings(session: Session, bindings: dict[tuple[str, str], dict[str, Any] | None]) -> None:

@@ -12,6 +12,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+import structlog
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
@@ -48,6 +49,9 @@ class HandledBatch:
     publishes: list[Publish] = field(default_factory=list)
     refused: list[tuple[Any, PoisonMessage]] = field(default_factory=list)
     duplicates: int = 0
+
+
+log = structlog.get_logger(__name__)
 
 
 def validated(job: BindingJob) -> ValidatedRequest:
@@ -200,9 +204,24 @@ class ValidateHandler(StageHandler):
         self.ports: dict[str, PortRow | topo.NewPort | None] = {port_id: locked.get(port_id) for port_id in port_ids}
         self.bindings = {(b.port_id, b.host): b for b in topo.bindings_of(session, port_ids)}
         self.new_ports: dict[str, topo.NewPort] = {}  # ports created by this batch, inserted by ``finish``
+        # tombstones of the ports not stored: read, and laid or lifted by this batch (written by ``finish``)
+        self.deleted = topo.deleted_ports(session, [port_id for port_id in port_ids if locked.get(port_id) is None])
+        self.tombstones: dict[str, tuple[datetime, int] | None] = {}
 
     def finish(self, session: Session) -> None:
         topo.insert_ports(session, list(self.new_ports.values()))
+        topo.save_deleted_ports(session, self.tombstones)
+
+    def overtaken(self, port_id: str, at: datetime) -> bool:
+        """Did a newer event already write (or delete) the port? Then this one changes nothing."""
+        row = self.ports.get(port_id)
+        if row is not None:
+            return topo.occurred_before(at, row.event_at)
+        deleted = self.deleted.get(port_id)
+        return deleted is not None and topo.occurred_before(at, deleted[0])
+
+    def bury(self, port_id: str, at: datetime, revision: int) -> None:
+        self.deleted[port_id] = self.tombstones[port_id] = (at, revision)
 
     def port_row(self, session: Session, port_id: str) -> PortRow | topo.NewPort | None:
         if port_id not in self.ports:
@@ -237,14 +256,19 @@ class ValidateHandler(StageHandler):
             return self.port_changed(session, env, port, force=True)
         elif kind == "port.delete":
             row = self.port_row(session, payload.id)
-            if row is not None:
-                row.revision += 1
-                job = self.job(env, row, "unbind", old_host=row.host or None)
-                if self.new_ports.pop(row.id, None) is None:  # else: created in this batch, never stored
-                    session.delete(row)
-                    session.flush()  # a port.create of the same id later in this batch inserts anew
-                self.ports[payload.id] = None
-                return [hand_on(job, "select")]
+            if self.overtaken(payload.id, env.occurred_at):
+                return []
+            if row is None:  # not created yet (the create is still on its way) or gone: it stays gone
+                self.bury(payload.id, env.occurred_at, self.deleted.get(payload.id, (None, 0))[1])
+                return []
+            row.revision += 1
+            job = self.job(env, row, "unbind", old_host=row.host or None)
+            if self.new_ports.pop(row.id, None) is None:  # else: created in this batch, never stored
+                session.delete(row)
+                session.flush()  # a port.create of the same id later in this batch inserts anew
+            self.ports[payload.id] = None
+            self.bury(payload.id, env.occurred_at, row.revision)
+            return [hand_on(job, "select")]
         return []
 
     def job(self, env: Envelope, row: PortRow | topo.NewPort, action: str, **fields: Any) -> BindingJob:
@@ -254,6 +278,10 @@ class ValidateHandler(StageHandler):
 
     def port_changed(self, session: Session, env: Envelope, port: Port, force: bool) -> list[Publish]:
         row = self.port_row(session, port.id)
+        if self.overtaken(port.id, env.occurred_at):
+            log.info("event overtaken by a newer one of its port: it changes nothing", port_id=port.id,
+                     event_id=env.key)
+            return []
         try:
             request = validate_request(port, self.driver_config, env.context,
                                        stored_profile=row.profile if row else None)
@@ -262,9 +290,12 @@ class ValidateHandler(StageHandler):
         old_host = row.host if row else ""
         binding = self.bindings.get((port.id, old_host)) if row else None
         is_new = row is None
-        row, changed = topo.store_port(row, port)
+        row, changed = topo.store_port(row, port, env.occurred_at, self.deleted.get(port.id, (None, 0))[1])
         if is_new:
             self.new_ports[port.id] = row
+            if port.id in self.deleted:  # created again: its revisions go on from the deleted one's
+                del self.deleted[port.id]
+                self.tombstones[port.id] = None
         self.ports[port.id] = row
         if not (force or changed or binding is None or binding.vif_type in v.VIF_UNPLUGGED_TYPES):
             return []
@@ -399,17 +430,16 @@ class AllocateHandler(PortLockingHandler):
     def handle_one(self, session: Session, job: BindingJob) -> list[Publish]:
         if self.is_stale(job):
             return []  # a newer event for this port is on its way
-        out: list[Publish] = []
-        held = self.holders.pop(job.port_id, None)
-        if held:
-            pci_store.release_port(session, job.port_id, self.hosts)
-            out += self.changes.unbound(job, sorted(held))
+        held = self.holders.pop(job.port_id, set())
+        released = pci_store.release_port(session, job.port_id, self.hosts) if held else []
         if job.action == "bind" and job.selection is not None and job.error is None:
             job.allocation = pci_store.allocate(session, validated(job), job.selection,
                                                 self.networks[job.port.network_id], self.hosts)
             if job.allocation.device is not None:  # a later job of the port in this batch releases it
                 self.holders[job.port_id] = {job.port.host}
-        return out + [hand_on(job, "compose")]
+                if released == [job.allocation.device.address]:
+                    held.discard(job.port.host)  # it took back the very device it held: nothing changed hands
+        return self.changes.unbound(job, sorted(held)) + [hand_on(job, "compose")]
 
     def finish(self, session: Session) -> None:
         self.hosts.flush()

@@ -51,6 +51,12 @@ class PublishedEvent:
     group: str = "workload"  # "workload", or the race round's name
     confirmed: bool = True  # at least one copy was confirmed by the broker
     copies: int = 1  # times it was published (duplicates are injected on purpose)
+    # the port's next event went out before this one's results came: it may give none (superseded)
+    overtaken: bool = False
+    optional_hosts: frozenset[str] = frozenset()  # hosts that may get a result for it, or not (see harness)
+    outcome_known: bool = False  # the harness says what it should give (the two fields below)
+    target: str | None = None  # the host the event binds the port on (None: it leaves every host)
+    bound_as: tuple[str, ...] = ()  # the vif_types a binding on ``target`` may have (binding_failed aside)
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,7 @@ def classify_events(published: dict[str, PublishedEvent], received: list[Receive
             unexpected.append(f"{event_id}@{host}: never published")
         elif host != result.queue_host:
             unexpected.append(f"{event_id}@{host}: read from the queue of {result.queue_host}")
-        elif host not in event.hosts:
+        elif host not in event.hosts | event.optional_hosts:
             unexpected.append(f"{event_id}@{host}: not a host of this {event.event_type} "
                               f"(expected {sorted(event.hosts)})")
         else:
@@ -197,8 +203,9 @@ def classify_events(published: dict[str, PublishedEvent], received: list[Receive
     status: dict[str, str] = {}
     lost_committed, duplicated_detail, lost_detail = [], [], []
     for event_id, event in published.items():
-        duplicate_hosts = sorted(h for h in event.hosts | set(rows[event_id])
-                                 if len(wire[event_id].get(h, ())) > 1 or len(rows[event_id].get(h, ())) > 1)
+        duplicate_hosts = sorted(h for h in event.hosts | event.optional_hosts | set(rows[event_id])
+                                 if not _one_answer(wire[event_id].get(h, ()))
+                                 or not _one_answer({(r.seq, _canonical(r.body)) for r in rows[event_id].get(h, ())}))
         missing = sorted(h for h in event.hosts if not wire[event_id].get(h))
         if duplicate_hosts:
             status[event_id] = "duplicated"
@@ -209,6 +216,9 @@ def classify_events(published: dict[str, PublishedEvent], received: list[Receive
         elif missing:
             if not event.confirmed:
                 status[event_id] = "unknown"
+                continue
+            if event.overtaken:
+                status[event_id] = "superseded"
                 continue
             status[event_id] = "lost"
             in_outbox = [h for h in missing if rows[event_id].get(h)]
@@ -221,15 +231,22 @@ def classify_events(published: dict[str, PublishedEvent], received: list[Receive
 
     counts = Counter(status.values())
     outcomes = Counter()
+    wrong = []
     for event_id, hosts in wire.items():
+        event = published[event_id]
         for host, keys in hosts.items():
-            for _, text in keys:
+            for seq, text in keys:
                 body = json.loads(text)
-                outcomes[(published[event_id].event_type, body.get("vif_type") or "none")] += 1
+                outcomes[(event.event_type, body.get("vif_type") or "none")] += 1
+                problem = wrong_outcome(event, host, body, rebound=any((other or 0) > (seq or 0) for other, _ in keys))
+                if problem:
+                    wrong.append(f"{event_id} ({event.event_type} {event.port_id}) on {host}: {problem}")
     return {
         "events": len(published),
         "ok": counts["ok"], "lost": counts["lost"], "duplicated": counts["duplicated"],
-        "unknown": counts["unknown"], "unexpected": len(unexpected), "diverged": len(diverged),
+        "unknown": counts["unknown"], "superseded": counts["superseded"],
+        "unexpected": len(unexpected), "diverged": len(diverged),
+        "wrong_outcome": len(wrong), "wrong_outcome_ids": _listed(wrong),
         "lost_committed": len(lost_committed),
         "results_received": len(received),
         "redundant_copies": sum(n - 1 for n in copies.values()),  # same seq and body again: allowed
@@ -239,6 +256,49 @@ def classify_events(published: dict[str, PublishedEvent], received: list[Receive
         "unexpected_ids": _listed(unexpected), "diverged_ids": _listed(diverged),
         "status": status,
     }
+
+
+def _one_answer(keys: Iterable[tuple[Any, str]]) -> bool:
+    """One result (seq and body) for an event on a host, or two where the first (by seq) is
+    ``unbound``: the port let go of its device there, and bound again (to another device)."""
+    ordered = sorted(keys, key=lambda key: key[0] or 0)
+    if len(ordered) <= 1:
+        return True
+    return len(ordered) == 2 and json.loads(ordered[0][1]).get("vif_type") == "unbound" \
+        and json.loads(ordered[1][1]).get("vif_type") != "unbound"
+
+
+def wrong_outcome(event: PublishedEvent, host: str, body: dict[str, Any], rebound: bool = False) -> str | None:
+    """Why a result is not what the event should give its host (None: it is). On the host the
+    event binds the port on: a binding of one of the vif_types the port's kind may have, or
+    ``binding_failed`` with its reason (and, if it is ``rebound`` there, an ``unbound`` before);
+    on any other host: ``unbound``. Always the event's port."""
+    if body.get("port_id") != event.port_id:
+        return f"names port {body.get('port_id')}"
+    if not event.outcome_known:
+        return None
+    vif_type = body.get("vif_type")
+    if host != event.target or vif_type == "unbound" and rebound:
+        return None if vif_type == "unbound" else f"{vif_type}, where the port is bound no more"
+    if not event.bound_as:
+        return None
+    if vif_type == "binding_failed":
+        return None if (body.get("error") or body.get("explanation")) else "binding_failed without a reason"
+    return None if vif_type in event.bound_as else f"{vif_type}, expected one of {list(event.bound_as)}"
+
+
+def stale_bindings(final_hosts: dict[str, str | None], received: list[ReceivedResult]) -> list[str]:
+    """A port's last word on each host, by seq: bound on its final host (if it has one), and on every
+    other host not bound (a host left believing a port is plugged there)."""
+    latest = latest_results(received)
+    stale = []
+    for (port, host), body in sorted(latest.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if port not in final_hosts or body.get("vif_type") in ("unbound", "binding_failed", None):
+            continue
+        if host != final_hosts[port]:
+            stale.append(f"port {port} left {body.get('vif_type')} on {host} (seq {body.get('seq')}); "
+                         f"it is {'deleted' if final_hosts[port] is None else 'on ' + final_hosts[port]}")
+    return stale
 
 
 def latest_results(received: list[ReceivedResult]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -325,8 +385,10 @@ def check_pci(db: DbState, final_hosts: dict[str, str | None], received: list[Re
     double += [f"{host}/{address} named by the last results of {ports}"
                for (host, address), ports in claimed.items() if len(ports) > 1]
     double += device_conflicts(received)
+    stale = stale_bindings(final_hosts, received)
     states = Counter(d.status for d in db.devices)
     return {"double_allocated": len(double), "leaked": len(leaked), "pci_mismatch": len(mismatch),
+            "stale_bindings": len(stale), "stale_binding_ids": _listed(stale),
             "devices": len(db.devices), "devices_in_use": sum(1 for d in db.devices if d.owner_port_id),
             "device_states": dict(sorted(states.items())),
             "double_allocated_ids": _listed(double), "leaked_ids": _listed(leaked),
@@ -340,13 +402,14 @@ def marker_of(body: bytes | str) -> str | None:
 
 
 def check_hostile(hostile: list[HostileMessage], db: DbState, deliveries: list[Delivery], dlq: list[DlqMessage],
-                  fault_windows: list[tuple[float, float]] = (), dead_pids: set[int] = frozenset(),
+                  fault_windows: list[tuple[float, float]] = (), dead_pids: dict[int, float] | None = None,
                   received: list[ReceivedResult] = ()) -> dict[str, Any]:
     """Every hostile message: one dead-letter row (its stage, a reason of the expected category) and
     no copy left on a DLQ (a refused message is recorded, then acked), for a refused port event
     exactly one ``binding_failed`` result (one seq) on the host it names and none elsewhere, and one
-    delivery — an extra delivery counts as *explained* when the worker that had it died (killed) or
-    a connection-level fault (cut, broker restart) fell between the two. Besides: any message the
+    delivery — an extra delivery counts as *explained* when the worker that had it died (killed)
+    between the two deliveries (``dead_pids``: pid -> time of death), or a connection-level fault
+    (cut, broker restart) fell between them. Besides: any message the
     broker dead-lettered for its delivery limit (recorded as ``delivery_limit``) is a failure."""
     wanted = {h.marker: h for h in hostile}
     refusals: dict[str, dict[str, set[tuple[Any, str]]]] = defaultdict(lambda: defaultdict(set))
@@ -414,7 +477,9 @@ def check_hostile(hostile: list[HostileMessage], db: DbState, deliveries: list[D
         if deliveries and not times:
             problems.append(f"{marker} ({message.kind}): never delivered to a worker")
         for previous, current in zip(times, times[1:]):
-            if (previous.pid in dead_pids or (message.copies > 1 and current.delivery_count == 0)
+            died = (dead_pids or {}).get(previous.pid)
+            if ((died is not None and previous.at - 0.5 <= died <= current.at + 0.5)
+                    or (message.copies > 1 and current.delivery_count == 0)
                     or any(previous.at - 0.5 <= end and start <= current.at + 0.5 for start, end in fault_windows)):
                 explained += 1
             else:
@@ -460,7 +525,7 @@ def check_races(rounds: list[RaceRound], received: list[ReceivedResult]) -> dict
 def check(published: dict[str, PublishedEvent], received: list[ReceivedResult], db: DbState,
           final_hosts: dict[str, str | None], *, hostile: list[HostileMessage] = (),
           deliveries: list[Delivery] = (), dlq: list[DlqMessage] = (), races: list[RaceRound] = (),
-          fault_windows: list[tuple[float, float]] = (), dead_pids: set[int] = frozenset()) -> dict[str, Any]:
+          fault_windows: list[tuple[float, float]] = (), dead_pids: dict[int, float] | None = None) -> dict[str, Any]:
     """The whole summary: event classification, PCI invariants, hostile messages, race rounds."""
     summary = classify_events(published, received, db, {h.marker for h in hostile})
     summary.update(check_pci(db, final_hosts, received))
@@ -471,7 +536,8 @@ def check(published: dict[str, PublishedEvent], received: list[ReceivedResult], 
     return summary
 
 
-FAILURE_KEYS = ("lost", "duplicated", "unexpected", "diverged", "double_allocated", "leaked", "pci_mismatch",
+FAILURE_KEYS = ("lost", "duplicated", "unexpected", "diverged", "wrong_outcome", "double_allocated", "leaked",
+                "pci_mismatch", "stale_bindings",
                 "hostile_problems", "hostile_redeliveries_unexplained", "spurious_dead_letters",
                 "broker_dead_lettered", "delivery_limited")
 
@@ -489,15 +555,16 @@ def format_summary(summary: dict[str, Any], extra: dict[str, Any] | None = None)
         return f"{100 * n / events:6.2f} %"
 
     lines = ["event accounting                     count   fraction"]
-    for key in ("ok", "lost", "duplicated", "unknown"):
+    for key in ("ok", "lost", "duplicated", "unknown", "superseded"):
         lines.append(f"  {key:<32} {summary[key]:>7}   {pct(summary[key])}")
     lines.append(f"  {'events published':<32} {summary['events']:>7}   ({summary['published_copies']} copies sent)")
     for key, label in (("unexpected", "unexpected results"), ("diverged", "wire body != outbox row"),
+                       ("wrong_outcome", "results that say the wrong thing"),
                        ("lost_committed", "lost but in the outbox"), ("results_received", "results received"),
                        ("redundant_copies", "same seq+body again (allowed)")):
         lines.append(f"  {label:<32} {summary[key]:>7}")
     lines.append("PCI")
-    for key in ("double_allocated", "leaked", "pci_mismatch", "devices_in_use", "devices"):
+    for key in ("double_allocated", "leaked", "pci_mismatch", "stale_bindings", "devices_in_use", "devices"):
         lines.append(f"  {key:<32} {summary[key]:>7}")
     lines.append("hostile messages")
     for key in ("hostile", "hostile_dead_lettered_once", "hostile_problems", "hostile_deliveries",
@@ -515,8 +582,8 @@ def format_summary(summary: dict[str, Any], extra: dict[str, Any] | None = None)
         lines += [f"  {key:<40} {n:>7}" for key, n in summary["outcomes"].items()]
     for key, value in (extra or {}).items():
         lines.append(f"{key:<34} {value}")
-    for key in ("lost_ids", "duplicated_ids", "unexpected_ids", "diverged_ids", "double_allocated_ids",
-                "leaked_ids", "pci_mismatch_ids", "hostile_problem_ids", "hostile_redelivery_ids",
+    for key in ("lost_ids", "duplicated_ids", "unexpected_ids", "diverged_ids", "wrong_outcome_ids",
+                "double_allocated_ids", "leaked_ids", "pci_mismatch_ids", "stale_binding_ids", "hostile_problem_ids", "hostile_redelivery_ids",
                 "spurious_dead_letter_ids", "broker_dead_lettered_ids", "delivery_limited_ids"):
         if summary.get(key):
             lines.append(f"{key}:")

@@ -109,6 +109,7 @@ class Plan:
     share_pf: float = 0.04  # direct-physical (PF) ports on the SR-IOV hosts
     duplicate_rate: float = 0.04  # events published twice in the same batch
     late_duplicate_rate: float = 0.03  # events published again 1-10 s later (the port may have moved on)
+    overtake_rate: float = 0.0  # a port's next event published with this one, before its results came
     hostile: int = 0  # hostile messages, injected by ("hostile", n) schedule entries
     race_ports: int = 64
     race_vfs: int = 8
@@ -214,7 +215,7 @@ class Workers:
             self.procs["relay"] = Managed("relay", "relay",
                                           [str(BIN / "bindpipe"), "relay", "--interval", "1", "--grace", "3"])
         self.events: list[dict[str, Any]] = []  # every exit: name, pid, code, why, at
-        self.dead_pids: set[int] = set()
+        self.dead_pids: dict[int, float] = {}  # pid -> when its exit was seen
         self.stopping = False
         self.reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
 
@@ -300,7 +301,7 @@ class Workers:
                     why = f"crash:{point}" if point else "unexpected"
                 if "@" in managed.crash_spec and not why.startswith("crash:"):
                     self.crash_plans.setdefault(managed.stage, []).insert(0, managed.crash_spec)  # not fired
-                self.dead_pids.add(process.pid)
+                self.dead_pids[process.pid] = time.time()
                 event = {"name": name, "pid": process.pid, "code": process.returncode, "why": why, "at": time.time()}
                 if why == "unexpected":
                     tail = (self.run_dir / f"{name}.log").read_text(errors="replace").splitlines()[-6:]
@@ -353,6 +354,9 @@ class EventRecord:
     confirmed: bool = False
     copies: int = 0
     received_at: dict[str, float] = field(default_factory=dict)
+    overtaken: bool = False
+    optional_hosts: frozenset[str] = frozenset()
+    outcome: tuple[str | None, tuple[str, ...]] | None = None  # (target host, vif_types of a binding there)
 
 
 class Ledger:
@@ -366,13 +370,22 @@ class Ledger:
         self.received: list[checker.ReceivedResult] = []
         self.last_result_at = 0.0
 
-    def expect(self, envelope: Envelope, port_id: str, hosts: set[str], final_host: str | None, group: str) -> None:
+    def expect(self, envelope: Envelope, port_id: str, hosts: set[str], final_host: str | None, group: str,
+               optional: set[str] = frozenset(), outcome: tuple[str | None, tuple[str, ...]] | None = None) -> None:
+        """The port's next event: its results are waited for on ``hosts`` (``optional``: accepted, not
+        required). An event of the port still waited for is then *overtaken*: it may give nothing."""
         with self.lock:
             event_id = str(envelope.event_id)
+            before = self.waiting.get(port_id)
+            if before is not None and before[1]:
+                self.events[before[0]].overtaken = True
             self.events[event_id] = EventRecord(event_id, envelope.event_type, port_id, frozenset(hosts), group,
-                                                time.monotonic())
+                                                time.monotonic(), optional_hosts=frozenset(optional) - set(hosts),
+                                                outcome=outcome)
             self.waiting[port_id] = (event_id, set(hosts))
             self.final_hosts[port_id] = final_host
+            if not hosts:
+                del self.waiting[port_id]
 
     def sent(self, envelopes: list[Envelope]) -> None:
         with self.lock:
@@ -417,8 +430,10 @@ class Ledger:
 
     def published(self) -> dict[str, checker.PublishedEvent]:
         with self.lock:
-            return {e.event_id: checker.PublishedEvent(e.event_id, e.event_type, e.port_id, e.hosts, e.group,
-                                                       e.confirmed, e.copies) for e in self.events.values()}
+            return {e.event_id: checker.PublishedEvent(
+                e.event_id, e.event_type, e.port_id, e.hosts, e.group, e.confirmed, e.copies, e.overtaken,
+                e.optional_hosts, e.outcome is not None, *(e.outcome or (None, ())))
+                for e in self.events.values()}
 
     def latencies(self) -> list[float]:
         with self.lock:
@@ -573,6 +588,7 @@ class PortPlan:
     hosts: list[str]  # the create's host, then one per move
     delete: bool
     step: int = 0  # ops done
+    raced: bool = False  # one of its events went out before the previous one's results came
 
     @property
     def ops(self) -> int:
@@ -593,6 +609,9 @@ def port_plans(plan: Plan, topo: Topology, rng: random.Random) -> list[PortPlan]
         events += port.ops
         n += 1
     return plans
+
+
+KIND_VIF_TYPES = {"ovs": ("ovs",), "vf": ("hw_veb",), "pf": ("hostdev_physical",)}
 
 
 def port_body(port_id: str, kind: str, host: str, n: int) -> dict[str, Any]:
@@ -625,6 +644,7 @@ class Workload:
         self.late_duplicates: list[tuple[float, Envelope]] = []
         self.late_sent = 0
         self.sent = 0
+        self.overtaken = 0
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="workload", daemon=True)
@@ -639,6 +659,23 @@ class Workload:
             return self.make("port.update", port_body(port.port_id, port.kind, new, n)), {old, new}, new
         host = port.hosts[-1]
         return self.make("port.delete", {"id": port.port_id}), {host}, None
+
+    def send(self, port: PortPlan, batch: list[Envelope]) -> Envelope:
+        """The port's next event into ``batch``, with what it must give. Once one of a port's events
+        went out before the previous one's results came, where the port was *told* to be bound lags
+        behind its plan: its later events must still bind it on their host (or leave every host, a
+        delete), but may tell ``unbound`` to any host of its plan, or nothing to the others."""
+        envelope, hosts, final = self.next_event(port)
+        if port.raced:
+            optional, hosts = set(port.hosts[:port.step + 1]), ({final} if final else set())
+        else:
+            optional = set()
+        self.ledger.expect(envelope, port.port_id, hosts, final, "workload", optional,
+                           (final, KIND_VIF_TYPES[port.kind]))
+        port.step += 1
+        batch.append(envelope)
+        self.sent += 1
+        return envelope
 
     def _run(self) -> None:
         try:
@@ -685,13 +722,13 @@ class Workload:
             else:
                 time.sleep(0.01)
                 continue
-            envelope, hosts, final = self.next_event(port)
-            self.ledger.expect(envelope, port.port_id, hosts, final, "workload")
-            port.step += 1
             if not batch:
                 batch_started = time.monotonic()
-            batch.append(envelope)
-            self.sent += 1
+            envelope = self.send(port, batch)
+            if port.step < port.ops and self.rng.random() < self.plan.overtake_rate:
+                port.raced = True  # its next event goes out with this one: each overtakes the other's results
+                self.send(port, batch)
+                self.overtaken += 1
             progress_at = time.monotonic()
             roll = self.rng.random()
             if roll < self.plan.duplicate_rate:
@@ -713,15 +750,18 @@ class Workload:
 
 HOSTILE_KINDS = ("bad_json", "not_utf8", "not_utf8_declared", "too_large", "deep_nesting", "missing_event_id",
                  "unknown_type", "wrong_schema_payload", "wrong_schema_types", "not_an_object", "extra_field",
-                 "bad_event_id", "unknown_port", "bad_job")
+                 "bad_event_id", "unknown_port", "bad_job", "nul_body", "binary_body", "text_plain", "escaped_nul",
+                 "conflicting_id", "conflicting_body")
 
 
 NAMES_A_PORT = {"missing_event_id", "unknown_type", "wrong_schema_payload", "wrong_schema_types", "extra_field",
-                "bad_event_id", "unknown_port"}
+                "bad_event_id", "unknown_port", "escaped_nul"}
 
 
-def hostile_messages(count: int, seed: int, max_body: int = 64 * 1024) -> list[tuple[checker.HostileMessage, dict]]:
-    """``count`` hostile messages (kinds in turn), each with a unique marker in its first bytes."""
+def hostile_messages(count: int, seed: int, max_body: int = 64 * 1024,
+                     taken: list[str] = ()) -> list[tuple[checker.HostileMessage, dict]]:
+    """``count`` hostile messages (kinds in turn), each with a unique marker in its first bytes;
+    ``taken``: ids of events accepted before (a conflicting message reuses one)."""
     rng = random.Random(f"{seed}:hostile")
     out = []
     for i in range(count):
@@ -733,7 +773,23 @@ def hostile_messages(count: int, seed: int, max_body: int = 64 * 1024) -> list[t
                     "context": {"user_id": "nova", "project_id": "service", "roles": ["service"]},
                     "payload": {"id": marker, "network_id": "net-vxlan", "host": "ovs-0", "vnic_type": "normal"}}
         exchange, routing_key, stage, encoding = "binding.events", "port.create", "validate", "binary"
-        if kind == "bad_json":
+        content_type = "application/json"
+        if kind == "nul_body":
+            body, category = b"\x00" + marker.encode() + b"\x00 {}", "bad_json"
+        elif kind == "binary_body":
+            body, category = bytes(range(128, 256)) + marker.encode() + bytes(range(128)), "not_utf8"
+        elif kind == "text_plain":
+            body, category, content_type = json.dumps(envelope).encode(), "bad_content_type", "text/plain"
+        elif kind == "escaped_nul":
+            payload = {**envelope["payload"], "profile": {"k\u0000": 1}}
+            body, category = json.dumps({**envelope, "payload": payload}).encode(), "bad_schema"
+        elif kind == "conflicting_id":  # malformed, under an accepted event's id
+            payload = {k: v for k, v in envelope["payload"].items() if k != "network_id"}
+            body = json.dumps({**envelope, "event_id": rng.choice(taken), "payload": payload}).encode()
+            category = "conflicting_event_id"
+        elif kind == "conflicting_body":  # well formed, under an accepted event's id
+            body, category = json.dumps({**envelope, "event_id": rng.choice(taken)}).encode(), "conflicting_event_id"
+        elif kind == "bad_json":
             body, category = f'{{"event_id": "{marker}", "payload": {{"id": '.encode(), "bad_json"
         elif kind == "not_utf8":
             body, category = b"\xff\xfe" + marker.encode() + b"\xc3\x28\xa0\xa1 not utf-8", "not_utf8"
@@ -782,7 +838,7 @@ def hostile_messages(count: int, seed: int, max_body: int = 64 * 1024) -> list[t
             continue
         out.append((checker.HostileMessage(marker, kind, stage, category, refusal_host),
                     {"body": body, "exchange": exchange, "routing_key": routing_key,
-                     "content_type": "application/json", "content_encoding": encoding}))
+                     "content_type": content_type, "content_encoding": encoding}))
     return out
 
 
@@ -883,6 +939,22 @@ class Nemesis:
         timings = self.run.services.stop_postgres_for(seconds)
         self.record("pg_outage", start, **{k: round(v, 2) for k, v in timings.items()})
 
+    def do_pg_blackhole(self, seconds: float) -> None:
+        """The database answers nothing for ``seconds`` (the proxy holds every byte): longer than any
+        retry, so the workers hold their batches and keep their broker connections alive."""
+        start = time.time()
+        self.run.proxy.hold("pg", seconds)
+        time.sleep(seconds)
+        self.record("pg_blackhole", start, seconds=seconds)
+
+    def do_pg_refused(self, seconds: float) -> None:
+        """The database refuses every connection for ``seconds``, the open ones cut at once."""
+        start = time.time()
+        self.run.proxy.refuse("pg", seconds)
+        cut = self.run.proxy.cut("pg")
+        time.sleep(seconds)
+        self.record("pg_refused", start, seconds=seconds, connections=cut)
+
     def do_hostile(self, count: int) -> None:
         start = time.time()
         sent = self.run.inject_hostile(count)
@@ -941,7 +1013,7 @@ class Run:
         self.ledger = Ledger()
         self.publisher = Publisher(self.settings, self.ledger)
         self.make = EnvelopeFactory(RequestContext.service(), random.Random(f"{plan.seed}:ids"))
-        self.hostile = hostile_messages(plan.hostile, plan.seed, self.settings.max_body_bytes)
+        self.hostile: list[tuple[checker.HostileMessage, dict]] = []  # made once the topology is in (``setup``)
         self.hostile_sent = 0
         self.races: list[checker.RaceRound] = []
         self.proxy: Proxy | None = None
@@ -1046,6 +1118,8 @@ class Run:
         self.publisher.publish(topology)
         wait_until(lambda: self.db(lambda s: s.scalar(select(func.count()).select_from(EventLog))) >= len(topology),
                  60, "the topology events logged", interval=0.2)
+        self.hostile = hostile_messages(self.plan.hostile, self.plan.seed, self.settings.max_body_bytes,
+                                        taken=[str(e.event_id) for e in topology])
 
     def drain(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -1169,6 +1243,9 @@ class Run:
                                 for f in nemesis.faults if f["kind"] == "broker_restart"],
             "pg_restarts": [{k: f.get(k) for k in ("t", "mode", "down_s")} for f in nemesis.faults
                             if f["kind"] in ("pg_restart", "pg_outage")],
+            "pg_unreachable": [{k: f.get(k) for k in ("t", "kind", "seconds")} for f in nemesis.faults
+                               if f["kind"] in ("pg_blackhole", "pg_refused")],
+            "overtaking_events": workload.overtaken,
             "cuts": [{k: f[k] for k in ("t", "route", "connections")} for f in nemesis.faults if f["kind"] == "cut"],
             "nemesis_errors": nemesis.errors,
             "stop_exit_codes": stop_codes,
@@ -1212,16 +1289,18 @@ __all__ = ["Plan", "Run", "Services", "Workers", "Ledger", "Collector", "Workloa
 # --- the two plans -----------------------------------------------------------------------------
 
 def reduced_plan(seed: int = 5) -> Plan:
-    """The CI run: 500 workload events at 12/s plus two VF race rounds and 70 hostile messages,
-    every fault at least once, one after the other (a broker restart takes ~20 s here: stop_app
-    ~5 s, start_app and the quorum queues back ~12 s). The first hostile batch goes in while no
-    fault is injected."""
+    """The CI run: 600 workload events at 12/s (one port in ten has its next event sent before the
+    previous one's results came) plus two VF race rounds and 80 hostile messages, every fault at
+    least once, one after the other (a broker restart takes ~20 s here: stop_app ~5 s, start_app
+    and the quorum queues back ~12 s), ending with the database unreachable for twice the workers'
+    transaction retry budget. The first hostile batch goes in while no fault is injected."""
     return Plan(
-        seed=seed, events=500, rate=12.0, in_flight=40, hostile=70,
+        seed=seed, events=600, rate=12.0, in_flight=40, hostile=80, overtake_rate=0.1,
         kill_every=5.0, kill_between=(2.0, 62.0), quiet=[(2.5, 9.0)],
         schedule=[(4.0, "hostile", 42), (9.5, "cut", "amqp"), (11.0, "race_with_kill", "race-1"),
                   (17.0, "cut", "pg"), (20.0, "broker_restart", 2.0), (44.0, "pg_restart", "fast"),
-                  (50.0, "hostile", 28), (52.0, "cut", "all"), (55.0, "sigterm", None), (58.0, "race", "race-2")],
+                  (50.0, "hostile", 38), (52.0, "cut", "all"), (55.0, "sigterm", None), (58.0, "race", "race-2"),
+                  (64.0, "pg_blackhole", 11.0)],
         crash_plans={"validate": ["before_ack@40", "after_dead_letter@15"], "select": ["after_commit@40"],
                      "allocate": ["in_transaction@30", "mid_ack@120"],
                      "compose": ["after_commit@30", "after_publish@60"]},
@@ -1229,7 +1308,8 @@ def reduced_plan(seed: int = 5) -> Plan:
 
 
 def large_plan(seed: int = 7, events: int = 5200, rate: float = 30.0) -> Plan:
-    """The long run (``scripts/faults.py``): ≥ 5,000 workload events under every fault, repeatedly."""
+    """The long run (``scripts/faults.py``): ≥ 5,000 workload events under every fault, repeatedly,
+    the database twice unreachable for longer than every retry (30 s: blackholed, then refused)."""
     load = events / rate
     schedule: list[tuple[float, str, Any]] = []
     for i in range(10):  # 500 hostile messages in ten bursts
@@ -1237,20 +1317,26 @@ def large_plan(seed: int = 7, events: int = 5200, rate: float = 30.0) -> Plan:
     for i in range(8):  # eight VF race rounds, every other one with its allocators killed mid-round
         schedule.append((8.0 + i * load / 8, "race_with_kill" if i % 2 else "race", f"race-{i + 1}"))
     schedule += [(0.22 * load, "broker_restart", 5.0), (0.62 * load, "broker_restart", 2.0),
-                 (0.40 * load, "pg_restart", "fast"), (0.80 * load, "pg_restart", "immediate")]
+                 (0.40 * load, "pg_restart", "fast"), (0.80 * load, "pg_restart", "immediate"),
+                 (0.33 * load, "pg_blackhole", 30.0), (0.86 * load, "pg_refused", 30.0)]
     schedule += [(t * load, "cut", route) for t, route in ((0.12, "amqp"), (0.30, "pg"), (0.50, "all"),
                                                           (0.70, "amqp"), (0.88, "all"), (0.95, "pg"))]
     schedule += [(t * load, "sigterm", stage) for t, stage in ((0.15, "allocate"), (0.45, "compose"),
                                                               (0.75, "validate"), (0.90, "select"))]
     return Plan(
-        seed=seed, events=events, rate=rate, in_flight=80, hostile=500,
+        seed=seed, events=events, rate=rate, in_flight=max(80, int(rate * 3)), hostile=500, overtake_rate=0.1,
         kill_every=4.0, kill_between=(3.0, load),
         schedule=schedule,
         crash_plans={"validate": ["before_ack@200", "mid_ack@900"], "select": ["after_commit@200"],
                      "allocate": ["in_transaction@100", "after_commit@150", "mid_ack@500"],
                      "compose": ["after_commit@100", "after_publish@150", "before_ack@250", "in_transaction@300"]},
         crash_spec="in_transaction=0.0005,after_commit=0.0005,after_publish=0.0005,before_ack=0.0005",
-        drain_timeout=180.0)
+        drain_timeout=240.0)
+
+
+def fast_plan(seed: int = 31, events: int = 20000, rate: float = 400.0) -> Plan:
+    """The large plan at 400 events/s: 20,000 workload events in under a minute of load."""
+    return large_plan(seed, events, rate)
 
 
 def duplicates_plan(seed: int = 5) -> Plan:
@@ -1273,6 +1359,6 @@ def pg_outage_plan(seed: int = 5) -> Plan:
     return Plan(seed=seed, events=60, rate=20.0, schedule=[(6.0, "pg_outage", 8.0)], drain_timeout=60.0)
 
 
-PLANS = {"large": large_plan, "reduced": reduced_plan, "duplicates": duplicates_plan,
+PLANS = {"large": large_plan, "fast": fast_plan, "reduced": reduced_plan, "duplicates": duplicates_plan,
          "reject-crash": reject_crash_plan, "pg-outage": pg_outage_plan}
 

@@ -95,7 +95,7 @@ def test_hostile_messages_need_one_dead_letter_no_dlq_copy_and_their_refusal():
     assert summary["hostile_redeliveries_unexplained"] == 1  # pid 10 did not die, no fault in between
     assert summary["spurious_dead_letters"] == 1
     explained = check({}, [ReceivedResult("h1", refusal)], db, {}, hostile=[good, refused, twice],
-                      deliveries=deliveries, dead_pids={10})
+                      deliveries=deliveries, dead_pids={10: 2.0})
     assert explained["hostile_redeliveries_explained"] == 1 and explained["hostile_redeliveries_unexplained"] == 0
     parked = [DlqMessage("binding.validate.dlq", good.marker.encode(), {"x-first-death-reason": "rejected"})]
     left = check({}, [ReceivedResult("h1", refusal)], db, {}, hostile=[good, refused], deliveries=deliveries[:2],
@@ -157,3 +157,65 @@ def test_a_grant_told_before_the_release_is_a_device_in_use_twice():
     in_order = [release_late[0], ReceivedResult("h1", result("e3", "p", "h1", 2, "unbound")),
                 ReceivedResult("h1", result("e2", "q", "h1", 3, "hw_veb", pci_device=vf))]
     assert check({}, list(reversed(in_order)), DbState(), {})["double_allocated"] == 0, "seq order, not arrival"
+
+
+def outbox_of(received: list[ReceivedResult]) -> DbState:
+    """The outbox that published exactly these results."""
+    return DbState(results=[ResultRowData(r.body["seq"], r.body["event_id"], r.body["port_id"], r.queue_host, r.body,
+                                          True) for r in received])
+
+
+def test_a_result_that_says_the_wrong_thing_and_a_host_left_bound_are_failures():
+    """The old host of a move must hear ``unbound``, the new one a binding of the port's kind; the
+    last word of a deleted port on every host is that it is not bound there."""
+    move = PublishedEvent("m", "port.update", "p", frozenset({"a", "b"}), outcome_known=True, target="b",
+                          bound_as=("ovs",))
+    wrong = [ReceivedResult("a", result("m", "p", "a", 1, "ovs")),  # the old host bound, not told unbound
+             ReceivedResult("b", result("m", "q", "b", 2, "ovs"))]  # another port's result
+    summary = check({"m": move}, wrong, outbox_of(wrong), {"p": "b"})
+    assert summary["wrong_outcome"] == 2 and summary["stale_bindings"] == 1 and not summary["valid"]
+    right = [ReceivedResult("a", result("m", "p", "a", 1, "unbound")),
+             ReceivedResult("b", result("m", "p", "b", 2, "ovs"))]
+    assert check({"m": move}, right, outbox_of(right), {"p": "b"})["valid"]
+    failed = [right[0], ReceivedResult("b", result("m", "p", "b", 2, "binding_failed", error=None))]
+    assert check({"m": move}, failed, outbox_of(failed), {"p": "b"})["wrong_outcome_ids"][0].endswith(
+        "binding_failed without a reason")
+
+
+def test_an_overtaken_event_may_give_nothing_but_its_port_must_end_right():
+    first = PublishedEvent("u", "port.update", "p", frozenset({"a", "b"}), overtaken=True, outcome_known=True,
+                           target="b", bound_as=("ovs",))
+    then = PublishedEvent("d", "port.delete", "p", frozenset({"a"}), outcome_known=True, target=None)
+    received = [ReceivedResult("a", result("d", "p", "a", 5, "unbound"))]
+    summary = check({"u": first, "d": then}, received, outbox_of(received), {"p": None})
+    assert (summary["superseded"], summary["lost"], summary["ok"]) == (1, 0, 1) and summary["valid"]
+    summary = check({"u": first, "d": then}, received[:0], DbState(), {"p": None})
+    assert summary["lost"] == 1, "the latest event must answer"
+
+
+def test_a_redelivery_is_explained_only_by_a_fault_between_the_two_deliveries():
+    message = HostileMessage("HOSTILE-00005-0000000f", "bad_json", "validate", "bad_json")
+    row = DeadLetterData(1, "validate", "bad_json: x", None, message.marker.encode())
+    deliveries = [Delivery(message.marker, "validate", 10, 0, 1.0), Delivery(message.marker, "validate", 11, 1, 3.0)]
+    later = check({}, [], DbState(dead_letters=[row]), {}, hostile=[message], deliveries=deliveries,
+                  dead_pids={10: 50.0}, fault_windows=[(40.0, 41.0)])
+    assert later["hostile_redeliveries_unexplained"] == 1, "pid 10 died long after: it explains nothing"
+    between = check({}, [], DbState(dead_letters=[row]), {}, hostile=[message], deliveries=deliveries,
+                    dead_pids={10: 2.0})
+    assert between["hostile_redeliveries_unexplained"] == 0
+
+
+def test_a_port_that_lets_go_of_its_device_and_binds_again_on_its_host_answers_once():
+    """Back on the host it held a VF on, with another VF: ``unbound`` first (the old VF is free),
+    then the binding. Two results of one event on one host in any other shape are a duplicate."""
+    move = PublishedEvent("m", "port.update", "p", frozenset({"a"}), outcome_known=True, target="a",
+                          bound_as=("hw_veb",))
+    rebound = [ReceivedResult("a", result("m", "p", "a", 1, "unbound")),
+               ReceivedResult("a", result("m", "p", "a", 2, "hw_veb", pci_device={"address": "0000:81:10.1"}))]
+    assert check({"m": move}, rebound, outbox_of(rebound), {"p": "a"})["valid"]
+    twice = [rebound[1], ReceivedResult("a", result("m", "p", "a", 3, "hw_veb", pci_device={"address": "x"}))]
+    summary = check({"m": move}, twice, outbox_of(twice), {"p": "a"})
+    assert summary["duplicated"] == 1
+    backwards = [ReceivedResult("a", result("m", "p", "a", 1, "hw_veb")), ReceivedResult("a", result("m", "p", "a", 2,
+                                                                                                   "unbound"))]
+    assert check({"m": move}, backwards, outbox_of(backwards), {"p": "a"})["duplicated"] == 1
