@@ -105,3 +105,41 @@ def test_events_that_overtake_each_other_leave_no_host_bound_by_mistake(then, pg
         assert [b["vif_type"] for b in last["sc"]] == ["hw_veb"]
     for host in hosts:
         assert device_conflicts(told(pg_engine, host)) == [], host
+
+
+def test_a_creation_and_its_newer_deletion_taken_by_two_workers_at_once_leave_no_port(pg_url, pg_engine):
+    """Neither transaction finds the port stored; without a lock on its id both would decide on its
+    absence (one laying a tombstone, the other creating it). The second waits for the first."""
+    import threading
+
+    from pipeline.db import run_transaction
+    from pipeline.models.tables import PortRow
+    from pipeline.workers.handlers import ValidateHandler
+    from tests.test_stage_batches import envelope
+
+    settings = Settings(database_url=pg_url)
+    handler = ValidateHandler(settings)
+    run_transaction(pg_engine, lambda s: handler.handle(s, handler.decode(envelope("network.upsert", NETWORK, 0),
+                                                                          {}, "application/json")))
+    create = handler.decode(envelope("port.create", {**sriov_port("P"), "host": "sa"}, 1), {}, "application/json")
+    delete = ValidateHandler(settings).decode(envelope("port.delete", {"id": "P"}, 2), {}, "application/json")
+    handled, release = threading.Event(), threading.Event()
+
+    def deleting() -> None:
+        with Session(pg_engine) as session, session.begin():
+            ValidateHandler(settings).handle(session, delete)
+            handled.set()
+            release.wait(10)
+
+    first = threading.Thread(target=deleting)
+    first.start()
+    assert handled.wait(10)
+    second = threading.Thread(target=lambda: run_transaction(pg_engine, lambda s: handler.handle(s, create)))
+    second.start()
+    second.join(1.0)
+    assert second.is_alive(), "the creation did not wait for the deletion's transaction"
+    release.set()
+    first.join(10)
+    second.join(10)
+    with Session(pg_engine) as session:
+        assert session.get(PortRow, "P") is None, "an overtaken creation stored the port"

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, literal, select
+import orjson
+from sqlalchemy import bindparam, delete, literal, select, text
 from sqlalchemy.orm import Session
 
 from pipeline.db import among, insert_rows
@@ -130,8 +131,18 @@ def port_from_row(row: PortRow | NewPort) -> Port:
                                 "vnic_type": row.vnic_type, "profile": row.profile})
 
 
+# A port that is not stored has no row to lock, yet two of its events (its creation and its
+# deletion, taken by two workers) must not both decide on its absence: on PostgreSQL an advisory
+# lock per port id, taken in id order, stands in for the row. (SQLite writes one at a time.)
+_LOCK_PORT_IDS = text("SELECT pg_advisory_xact_lock(k) FROM (SELECT hashtextextended(i, 0) AS k FROM "
+                      "json_array_elements_text(CAST(:ids AS json)) AS i ORDER BY i) AS ids")
+
+
 def lock_ports(session: Session, port_ids: list[str]) -> dict[str, PortRow]:
-    """Port rows locked in id order (the same order everywhere, so no deadlock)."""
+    """Port rows locked in id order (the same order everywhere, so no deadlock), and on PostgreSQL
+    the ids themselves (see ``_LOCK_PORT_IDS``), whether the ports are stored or not."""
+    if port_ids and session.get_bind().dialect.name == "postgresql":
+        session.execute(_LOCK_PORT_IDS, {"ids": orjson.dumps(sorted(port_ids)).decode()})
     rows = session.scalars(select(PortRow).where(among(session, PortRow.id, port_ids)).order_by(PortRow.id)
                            .with_for_update()).all()
     return {r.id: r for r in rows}

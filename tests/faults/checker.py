@@ -288,8 +288,9 @@ def wrong_outcome(event: PublishedEvent, host: str, body: dict[str, Any], reboun
 
 
 def stale_bindings(final_hosts: dict[str, str | None], received: list[ReceivedResult]) -> list[str]:
-    """A port's last word on each host, by seq: bound on its final host (if it has one), and on every
-    other host not bound (a host left believing a port is plugged there)."""
+    """A port's last word on each host, by seq: on every host but its final one not bound (a host
+    left believing a port is plugged there), and on its final host (if it has one) a binding, or
+    ``binding_failed`` with why (a host never told of a port placed on it)."""
     latest = latest_results(received)
     stale = []
     for (port, host), body in sorted(latest.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -298,6 +299,11 @@ def stale_bindings(final_hosts: dict[str, str | None], received: list[ReceivedRe
         if host != final_hosts[port]:
             stale.append(f"port {port} left {body.get('vif_type')} on {host} (seq {body.get('seq')}); "
                          f"it is {'deleted' if final_hosts[port] is None else 'on ' + final_hosts[port]}")
+    for port, host in sorted(final_hosts.items()):
+        body = latest.get((port, host)) if host is not None else None
+        if host is not None and (body is None or body.get("vif_type") == "unbound"):
+            stale.append(f"port {port} is on {host}, which was never told so (last word: "
+                         f"{body.get('vif_type') if body else 'none'})")
     return stale
 
 

@@ -662,12 +662,14 @@ class Workload:
 
     def send(self, port: PortPlan, batch: list[Envelope]) -> Envelope:
         """The port's next event into ``batch``, with what it must give. Once one of a port's events
-        went out before the previous one's results came, where the port was *told* to be bound lags
-        behind its plan: its later events must still bind it on their host (or leave every host, a
-        delete), but may tell ``unbound`` to any host of its plan, or nothing to the others."""
+        went out before the previous one's results came, competing workers may take its events in
+        any order, and the newer one wins: an event may then find its port already where it says
+        (nothing to tell) or be overtaken (nothing to do). Its results are no longer required, only
+        judged when they come (on any host of its plan), and the port's last word on every host is
+        checked at the end (``checker.stale_bindings``)."""
         envelope, hosts, final = self.next_event(port)
         if port.raced:
-            optional, hosts = set(port.hosts[:port.step + 1]), ({final} if final else set())
+            optional, hosts = set(port.hosts[:port.step + 1]), set()
         else:
             optional = set()
         self.ledger.expect(envelope, port.port_id, hosts, final, "workload", optional,
