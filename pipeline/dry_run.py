@@ -13,7 +13,8 @@ from pipeline.stages.chain import bind_port
 from pipeline.stages.errors import ConfigError, InvalidInput
 from pipeline.stages.pci_accounting import PciTracker
 
-ERROR_KEYS = {"id", "error", "vif_type", "vif_details", "bound_driver", "bound_segment_id"}
+# an error's result: the reference's keys (binding keys null), and ``warnings`` ([]) as every result has
+ERROR_KEYS = {"id", "error", "vif_type", "vif_details", "bound_driver", "bound_segment_id", "warnings"}
 
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str]:

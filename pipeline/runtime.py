@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import socket
+import signal
 import sqlite3
 import time
 import traceback
@@ -295,8 +295,8 @@ def _broker_failure(exc: BaseException, shown: str | None = None) -> OperatorErr
             return ConfigurationError(f"the broker{at} refused: {reply}; apply deploy/rabbitmq/definitions.json "
                                       "(or `bindpipe declare` as an administrator), and check the vhost in "
                                       "BINDPIPE_BROKER_URL")
-        if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror, amqp_errors.RecoverableConnectionError,
-                              amqp_errors.ConnectionForced)):
+        # any socket error of a broker call: a node restarting also closes mid-handshake, or fails setsockopt
+        if isinstance(error, (OSError, amqp_errors.RecoverableConnectionError, amqp_errors.ConnectionForced)):
             why = error.strerror if isinstance(error, OSError) and error.strerror else str(error) or type(error).__name__
             return ServiceUnavailable(f"cannot reach the broker{at}: {why}; is it running, and is BINDPIPE_BROKER_URL "
                                       "right?")
@@ -382,11 +382,17 @@ def long_running(process: str) -> None:
     metrics.start_process_metrics(process)
 
 
+def _stop_while_starting(*_: object) -> None:
+    """SIGTERM before the worker consumes: nothing is in hand, so it leaves at once, with 0."""
+    raise SystemExit(0)
+
+
 def run_worker(stage: str, settings: Settings | None = None) -> None:
     """One worker process of ``stage`` (``bindpipe worker STAGE``, and each of ``--concurrency N``)."""
     from pipeline.workers.consumer import Worker
 
     settings = settings or load_settings()
+    signal.signal(signal.SIGTERM, _stop_while_starting)  # the worker's own handler replaces it
     engine = prepare_worker(settings, [stage])
     long_running(f"worker-{stage}")
     Worker(settings, engine, [stage]).run_forever()

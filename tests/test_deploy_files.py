@@ -419,6 +419,7 @@ def test_alerts_cover_the_required_conditions() -> None:
     assert 'rabbitmq_queue_messages_ready{queue=~"binding\\\\.(validate|select|allocate|compose)\\\\.dlq"}' \
         in rules["BindpipeDeadLetterQueueNotEmpty"]
     assert rules["BindpipeDeadLetterQueueNotEmpty"].endswith("> 0")
+    assert rules["BindpipeDeadLettersWaiting"] == "max by (stage) (bindpipe_dead_letters_waiting) > 0"
     assert "rabbitmq_queue_messages_ready" in rules["BindpipeStageBacklog"]
     assert rules["BindpipeNoFreeVFs"] == \
         'sum by (host, physical_network) (bindpipe_pci_devices{state="available"}) == 0'
@@ -501,6 +502,7 @@ EXERCISE_EVERY_METRIC = """
     m.DEAD_LETTERS.labels("validate", "bad_json").inc()
     m.PCI_DEVICES.labels("compute-1", "physnet1", "8086:1515", "available").set(4)
     m.EVENT_LOG_LAG.labels("validate").set(7)
+    m.DEAD_LETTERS_WAITING.labels("validate").set(1)
     m.touch_loop("validate")
     m.worker_state(["validate"], broker=True, database=True, consuming=True)
     m.batch_done("validate")

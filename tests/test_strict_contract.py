@@ -72,6 +72,7 @@ def test_dry_run_scenarios_are_strict_too():
     assert evaluate_scenario(good)["vif_type"] == "ovs"
     refused = evaluate_scenario({**good, "config": {"ovs_create_tap": 1}})
     assert refused["error"] == "ConfigError: config.ovs_create_tap: Input should be a valid boolean"
+    assert refused["warnings"] == [], "an error's result carries warnings as every result does"
     assert Scenario.model_validate({**good, "config": {"ovs_create_tap": False}}).config == {"ovs_create_tap": False}
 
 

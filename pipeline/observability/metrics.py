@@ -103,6 +103,9 @@ DEAD_LETTERS = Counter(
 PCI_DEVICES = Gauge(
     "bindpipe_pci_devices", "PCI devices by host, physnet, vendor:product and state.",
     ["host", "physical_network", "vendor_product", "state"], multiprocess_mode="livemax")
+DEAD_LETTERS_WAITING = Gauge(
+    "bindpipe_dead_letters_waiting", "Dead letters in the database not redriven yet (bindpipe dlq), by stage.",
+    ["stage"], multiprocess_mode="livemax")
 EVENT_LOG_LAG = Gauge(
     "bindpipe_event_log_lag", "Port events logged after the newest one the stage has turned into a result.",
     ["stage"], multiprocess_mode="livemax")
@@ -140,7 +143,7 @@ BUILD_INFO = Gauge(
     ["version", "python", "kombu"], multiprocess_mode="livemax")
 
 _ALL = (STAGE_MESSAGES, STAGE_DURATION, BATCH_SIZE, END_TO_END_LATENCY, BINDINGS, BINDING_FAILURES, DEAD_LETTERS,
-        PCI_DEVICES, EVENT_LOG_LAG, WORKER_LAST_LOOP, WORKER_BROKER, WORKER_DATABASE, WORKER_CONSUMING, WORKER_LOOP,
+        DEAD_LETTERS_WAITING, PCI_DEVICES, EVENT_LOG_LAG, WORKER_LAST_LOOP, WORKER_BROKER, WORKER_DATABASE, WORKER_CONSUMING, WORKER_LOOP,
         WORKER_LAST_BATCH, PROCESS_RESIDENT_MEMORY, PROCESS_CPU, PROCESS_OPEN_FDS, BUILD_INFO)
 _UNLABELLED = (END_TO_END_LATENCY,)
 
@@ -153,6 +156,7 @@ METRIC_FAMILIES = (
     "bindpipe_bindings_total",
     "bindpipe_binding_failures_total",
     "bindpipe_dead_letters_total",
+    "bindpipe_dead_letters_waiting",
     "bindpipe_pci_devices",
     "bindpipe_event_log_lag",
     "bindpipe_worker_last_loop_timestamp_seconds",

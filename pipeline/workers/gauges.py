@@ -1,4 +1,5 @@
-"""Gauges derived from the database: PCI devices per pool and state, and the event-log lag.
+"""Gauges derived from the database: PCI devices per pool and state, dead letters waiting, and the
+event-log lag.
 
 Refreshed every few seconds by the workers that change them (not per message): each is one
 grouped query. Every state is set, 0 included, so a pool that runs dry shows as 0, not as absent.
@@ -7,7 +8,7 @@ grouped query. Every state is set, 0 included, so a pool that runs dry shows as 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from pipeline.models.tables import EventLog, PciDeviceRow, ResultRow
+from pipeline.models.tables import DeadLetter, EventLog, PciDeviceRow, ResultRow
 from pipeline.observability import metrics
 
 
@@ -19,6 +20,15 @@ def refresh_gauges(engine: Engine, stages: list[str]) -> None:
             refresh_pci_devices(session)
         if "compose" in stages:
             refresh_event_log_lag(session)
+        refresh_dead_letters(session, stages)
+
+
+def refresh_dead_letters(session: Session, stages: list[str]) -> None:
+    """Dead letters of ``stages`` not redriven yet: each worker reports its own stages' (0 included)."""
+    waiting = dict(session.execute(select(DeadLetter.stage, func.count()).where(
+        DeadLetter.redriven_at.is_(None), DeadLetter.stage.in_(stages)).group_by(DeadLetter.stage)).all())
+    for stage in stages:
+        metrics.DEAD_LETTERS_WAITING.labels(stage=stage).set(waiting.get(stage, 0))
 
 
 def refresh_pci_devices(session: Session) -> None:

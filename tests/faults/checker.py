@@ -278,7 +278,10 @@ def wrong_outcome(event: PublishedEvent, host: str, body: dict[str, Any], reboun
     if not event.outcome_known:
         return None
     vif_type = body.get("vif_type")
-    if host != event.target or vif_type == "unbound" and rebound:
+    # on its target host an event may end with ``unbound`` if it let go of a device there and
+    # then was overtaken (a newer event of its port took over from there)
+    overtaken = event.overtaken or bool(event.optional_hosts)
+    if host != event.target or vif_type == "unbound" and (rebound or overtaken):
         return None if vif_type == "unbound" else f"{vif_type}, where the port is bound no more"
     if not event.bound_as:
         return None

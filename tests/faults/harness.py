@@ -1018,6 +1018,7 @@ class Run:
         self.hostile: list[tuple[checker.HostileMessage, dict]] = []  # made once the topology is in (``setup``)
         self.hostile_sent = 0
         self.races: list[checker.RaceRound] = []
+        self.race_lock = threading.Lock()
         self.proxy: Proxy | None = None
         self.workers: Workers | None = None
         self.collector: Collector | None = None
@@ -1067,6 +1068,12 @@ class Run:
         return len(chunk)
 
     def race_round(self, name: str) -> checker.RaceRound:
+        """64 ports racing for the race host's 8 VFs, then deleted: one round at a time (rounds
+        scheduled close together, as at high rates, wait for the one under way)."""
+        with self.race_lock:
+            return self._race_round(name)
+
+    def _race_round(self, name: str) -> checker.RaceRound:
         ports = [f"{name}-{i:02d}" for i in range(self.plan.race_ports)]
         creates = []
         for i, port_id in enumerate(ports):
@@ -1326,7 +1333,7 @@ def large_plan(seed: int = 7, events: int = 5200, rate: float = 30.0) -> Plan:
     schedule += [(t * load, "sigterm", stage) for t, stage in ((0.15, "allocate"), (0.45, "compose"),
                                                               (0.75, "validate"), (0.90, "select"))]
     return Plan(
-        seed=seed, events=events, rate=rate, in_flight=max(80, int(rate * 3)), hostile=500, overtake_rate=0.1,
+        seed=seed, events=events, rate=rate, in_flight=max(80, int(rate * 10)), hostile=500, overtake_rate=0.1,
         kill_every=4.0, kill_between=(3.0, load),
         schedule=schedule,
         crash_plans={"validate": ["before_ack@200", "mid_ack@900"], "select": ["after_commit@200"],

@@ -221,3 +221,15 @@ def test_a_port_that_lets_go_of_its_device_and_binds_again_on_its_host_answers_o
     backwards = [ReceivedResult("a", result("m", "p", "a", 1, "hw_veb")), ReceivedResult("a", result("m", "p", "a", 2,
                                                                                                    "unbound"))]
     assert check({"m": move}, backwards, outbox_of(backwards), {"p": "a"})["duplicated"] == 1
+
+
+def test_an_overtaken_event_may_end_on_its_host_with_the_release_of_its_device():
+    """It let go of its VF there (allocate tells that at once), then a newer event of its port took
+    over: nothing more of it reaches that host."""
+    event = PublishedEvent("m", "port.update", "p", frozenset({"a", "b"}), overtaken=True, outcome_known=True,
+                           target="b", bound_as=("hw_veb",))
+    released = [ReceivedResult("b", result("m", "p", "b", 4, "unbound"))]
+    assert check({"m": event}, released, outbox_of(released), {})["wrong_outcome"] == 0
+    settled = PublishedEvent("m", "port.update", "p", frozenset({"a", "b"}), outcome_known=True, target="b",
+                             bound_as=("hw_veb",))
+    assert check({"m": settled}, released, outbox_of(released), {})["wrong_outcome"] == 1
